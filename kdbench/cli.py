@@ -1,0 +1,127 @@
+"""``kdbench run | report | validate | losses``: parses, calls, prints. User errors: one line on stderr, exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_run(args) -> int:
+    from kdbench.config import load_study
+    from kdbench.study import run_study
+    from kdbench.tracking import mask_secrets
+    from kdbench.validate import check_study
+
+    cfg = load_study(args.study)
+    entries = check_study(cfg, args.study)
+    s = run_study(cfg, entries, out=args.out, report_dir=args.report_dir, tracking_uri=args.tracking_uri,
+                  storage=args.storage, quiet=args.quiet)
+    uri = mask_secrets(s.paths.tracking_uri)
+    print(f"\nstudy {cfg.name!r} done (teacher {s.teacher_source})")
+    print(f"  leaderboard : {s.leaderboard}")
+    print(f"  MLflow runs : {uri}  (experiment {s.experiment!r}, study run {s.parent_run_id})")
+    if uri.startswith("sqlite:///"):
+        print(f"                mlflow ui --backend-store-uri {uri}")
+    print(f"  Optuna      : {mask_secrets(s.paths.storage)}  (one study per loss: {cfg.name}.<loss>)")
+    print(f"  output dir  : {s.paths.out}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from kdbench.report import find_study_run, open_study_store, write_leaderboard
+
+    tracker = open_study_store(args.dir, args.tracking_uri, args.experiment)
+    parent = find_study_run(tracker)
+    study = parent.data.tags.get("kdbench.study", "study")
+    path = write_leaderboard(tracker, parent.info.run_id, Path(args.report_dir or Path("reports") / study))
+    print(path)
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from kdbench.config import load_study
+    from kdbench.validate import check_study
+
+    cfg = load_study(args.study)
+    entries = check_study(cfg, args.study)
+    print(f"{args.study}: ok — study {cfg.name!r}, teacher {cfg.teacher.model}, student {cfg.student.model}, "
+          f"{len(entries)} loss(es) × {cfg.sweep.trials} trials, {len(cfg.confirm.seed_list)} confirm seeds")
+    for e in entries:
+        space = ", ".join(f"{k} {v.describe()}" for k, v in e.space.items()) or "nothing searched"
+        print(f"  {e.key}: {space}")
+    return 0
+
+
+def _cmd_losses(args) -> int:
+    from kdbench.losses import list_losses, load_card
+
+    cards = [load_card(n) for n in list_losses()]
+    if args.json:
+        print(json.dumps([c.model_dump(mode="json") for c in cards], indent=1))
+        return 0
+    import pandas as pd
+
+    table = pd.DataFrame({
+        "name": [c.name for c in cards],
+        "family": [c.family for c in cards],
+        "needs": [", ".join(c.needs) for c in cards],
+        "paper": [f"{c.paper.venue} {c.paper.year}" + (f" arXiv:{c.paper.arxiv}" if c.paper.arxiv else "")
+                  if c.paper else "–" for c in cards],
+        "defaults": [", ".join(f"{k}={v}" for k, v in c.default_values().items()) for c in cards],
+        "search": [", ".join(f"{k} {v.describe()}" for k, v in c.search.items()) for c in cards],
+    })
+    print(table.to_markdown(index=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kdbench import __version__
+
+    p = argparse.ArgumentParser(prog="kdbench", description="Knowledge-distillation benchmark: sweep KD losses "
+                                "with Optuna on timm models, track with MLflow, report leaderboards.")
+    p.add_argument("--version", action="version", version=f"kdbench {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a study: teacher, CE baseline, one Optuna sweep per loss, confirm seeds")
+    r.add_argument("study", help="study file (YAML)")
+    r.add_argument("--out", help="output directory (default runs/<study name>)")
+    r.add_argument("--report-dir", help="where LEADERBOARD.md goes (default reports/<study name>)")
+    r.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<out>/mlflow.db)")
+    r.add_argument("--storage", help="Optuna storage URL (default sqlite:///<out>/optuna.db)")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-run lines")
+    r.set_defaults(func=_cmd_run)
+
+    rep = sub.add_parser("report", help="rebuild the leaderboard of a study from its MLflow runs")
+    rep.add_argument("dir", nargs="?", help="the study's output directory (holds mlflow.db)")
+    rep.add_argument("--report-dir", help="where LEADERBOARD.md goes (default reports/<study name>)")
+    rep.add_argument("--tracking-uri", help="read from this MLflow tracking URI instead of <dir>/mlflow.db")
+    rep.add_argument("--experiment", help="MLflow experiment (default: the one with the newest study run)")
+    rep.set_defaults(func=_cmd_report)
+
+    v = sub.add_parser("validate", help="check a study file (schema, registry, model names); runs nothing")
+    v.add_argument("study")
+    v.set_defaults(func=_cmd_validate)
+
+    ls = sub.add_parser("losses", help="the loss registry")
+    ls.add_argument("--json", action="store_true", help="machine-readable cards")
+    ls.set_defaults(func=_cmd_losses)
+    return p
+
+
+def main(argv=None) -> int:
+    from kdbench.errors import KdbenchError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KdbenchError as e:
+        print(f"kdbench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kdbench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The study file: a typed schema, validated once before anything runs, with one-line errors naming the field.
+
+``load_study(path)`` reads YAML with ``yaml.safe_load`` and returns a :class:`StudyConfig`; it raises
+:class:`~kdbench.errors.KdbenchError` with ``"<file>: <field>: <problem>"`` on any problem. Registry and model-name
+checks that need the loss registry or timm live in :func:`kdbench.validate.check_study`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from kdbench.errors import KdbenchError
+from kdbench.space import SearchParam, StrictModel
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+
+
+class Splits(StrictModel):
+    train: PositiveFloat = 0.6
+    val: PositiveFloat = 0.2
+    test: PositiveFloat = 0.2
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> "Splits":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1, got {total:g}")
+        return self
+
+
+class DataConfig(StrictModel):
+    dataset: str = "digits"
+    image_size: PositiveInt = 32
+    splits: Splits = Splits()
+    augment: bool = False
+    seed: int = 0
+    #: fraction of the training split whose labels the student sees (stratified subset); the teacher sees all
+    student_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    #: fraction of the student's labels flipped to another class (symmetric label noise)
+    student_label_noise: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class Recipe(StrictModel):
+    """How one network is trained."""
+
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 64
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: PositiveFloat = 0.05
+    weight_decay: NonNegativeFloat = 5e-4
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    milestones: list[PositiveInt] = []  # epochs at which the 'step' schedule multiplies lr by gamma
+    gamma: PositiveFloat = 0.1
+
+    @model_validator(mode="after")
+    def _milestones(self) -> "Recipe":
+        if self.schedule == "step" and not self.milestones:
+            raise ValueError("schedule 'step' needs 'milestones' (epochs at which lr is multiplied by gamma)")
+        return self
+
+
+class TrainConfig(Recipe):
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"must be auto, cpu, cuda, cuda:<index> or mps, got {v!r}")
+
+
+class ModelSpec(StrictModel):
+    model: str
+    kwargs: dict[str, Any] = {}
+
+
+class TeacherConfig(Recipe, ModelSpec):
+    epochs: PositiveInt = 15
+    seed: int = 0
+    #: a state dict (safetensors or torch.save) to load instead of training
+    checkpoint: Optional[str] = None
+    #: where trained teachers are cached (default $KDBENCH_CACHE_DIR/teachers or ~/.cache/kdbench/teachers)
+    cache_dir: Optional[str] = None
+
+
+class StudentConfig(ModelSpec):
+    pass
+
+
+class LossEntry(StrictModel):
+    """One swept loss: a registry name, fixed parameters, and overrides of the card's search space."""
+
+    name: str
+    #: fixed values of the loss's own parameters (and of alpha/weight); fixed parameters are not searched
+    params: dict[str, Any] = {}
+    #: search-space overrides or additions; ``null`` removes a parameter from the card's search space
+    search: dict[str, Optional[SearchParam]] = {}
+    #: label used for this entry's Optuna study and leaderboard row (default: the name)
+    label: Optional[str] = Field(None, pattern=NAME_PATTERN)
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+class SweepConfig(StrictModel):
+    trials: PositiveInt = 8
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["median", "none"] = "median"
+    #: trials that run to completion before the median pruner may stop one
+    pruner_startup_trials: NonNegativeInt = 2
+    #: epochs before the pruner looks at a trial
+    pruner_warmup_epochs: NonNegativeInt = 2
+    seed: int = 0
+    metric: Literal["val_acc"] = "val_acc"
+    #: which epoch's score counts: the last, or the one with the best validation accuracy
+    select: Literal["last", "best"] = "last"
+
+
+class ConfirmConfig(StrictModel):
+    #: a count n (seeds 0..n-1) or an explicit list
+    seeds: Union[PositiveInt, list[int]] = 3
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v):
+        if isinstance(v, list) and (not v or len(set(v)) != len(v)):
+            raise ValueError("must be a non-empty list of distinct seeds")
+        return v
+
+
+class TrackingConfig(StrictModel):
+    uri: Optional[str] = None  # default sqlite:///<out>/mlflow.db
+    experiment: Optional[str] = None  # default: the study name
+
+
+class StudyConfig(StrictModel):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    data: DataConfig = DataConfig()
+    teacher: TeacherConfig
+    student: StudentConfig
+    train: TrainConfig = TrainConfig()
+    losses: list[LossEntry] = Field(min_length=1)
+    sweep: SweepConfig = SweepConfig()
+    confirm: ConfirmConfig = ConfirmConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    storage: Optional[str] = None  # Optuna storage URL; default sqlite:///<out>/optuna.db
+
+    @field_validator("losses", mode="before")
+    @classmethod
+    def _shorthand(cls, v):
+        # "- kd" is shorthand for "- name: kd"
+        if isinstance(v, list):
+            return [{"name": e} if isinstance(e, str) else e for e in v]
+        return v
+
+    @model_validator(mode="after")
+    def _unique_keys(self) -> "StudyConfig":
+        seen = set()
+        for e in self.losses:
+            if e.key in seen:
+                raise ValueError(f"loss {e.key!r} appears twice; give one a distinct 'label'")
+            seen.add(e.key)
+        return self
+
+    def fingerprint(self) -> str:
+        """A hash of everything that defines the experiment (not where it is stored)."""
+        body = self.model_dump(mode="json", exclude={"tracking", "storage", "description"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in e["loc"]).replace(".[", "[")
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif e["type"] == "missing":
+        msg = "missing required field"
+    got = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})"
+    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    where = f"{loc}: " if loc else ""
+    return f"{source}: {where}{msg}{got}{more}"
+
+
+def parse_study(data: Any, source: str = "study") -> StudyConfig:
+    if not isinstance(data, dict):
+        raise KdbenchError(f"{source}: a study file must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return StudyConfig.model_validate(data)
+    except ValidationError as err:
+        raise KdbenchError(_format_error(source, err)) from None
+
+
+def load_study(path: Union[str, Path]) -> StudyConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise KdbenchError(f"{p}: study file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise KdbenchError(f"{p}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    return parse_study(data, str(p))

@@ -1,0 +1,85 @@
+"""Loss cards: one YAML file per registry entry under ``registry/losses/`` (paper, needs, defaults, search space).
+
+A card's ``defaults`` are the loss's own parameters as the reference implementation sets them; ``alpha`` is the
+study-level mix (total = (1 − alpha)·CE + alpha·weight·loss) and ``weight`` a fixed multiplier on the loss.
+``search`` may name the loss's own parameters and ``alpha``/``weight``.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import Field, ValidationError
+
+from kdbench.errors import KdbenchError
+from kdbench.space import SearchParam, StrictModel
+
+#: study-level knobs every entry has besides its own parameters
+MIX_PARAMS = ("alpha", "weight")
+NEEDS = ("logits", "features", "embedding", "labels", "indices", "views")
+
+
+class Paper(StrictModel):
+    title: str
+    authors: str
+    venue: str
+    year: int
+    arxiv: Optional[str] = None
+
+
+class LossCard(StrictModel):
+    name: str
+    family: Literal["logit", "feature", "embedding", "relation", "self"]
+    summary: str
+    paper: Optional[Paper] = None
+    reference: str
+    needs: list[Literal[NEEDS]]
+    defaults: dict[str, Any] = {}
+    alpha: float = Field(0.9, ge=0.0, le=1.0)
+    weight: float = Field(1.0, gt=0.0)
+    search: dict[str, SearchParam] = {}
+    notes: str = ""
+
+    def default_values(self) -> dict[str, Any]:
+        """The paper defaults of every knob: own parameters plus alpha and weight."""
+        return {**self.defaults, "alpha": self.alpha, "weight": self.weight}
+
+
+def registry_dir() -> Path:
+    env = os.environ.get("KDBENCH_REGISTRY")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "registry" / "losses"
+
+
+@lru_cache(maxsize=None)
+def _load(path: str) -> LossCard:
+    p = Path(path)
+    try:
+        return LossCard.model_validate(yaml.safe_load(p.read_text()))
+    except (ValidationError, yaml.YAMLError) as e:
+        first = e.errors()[0] if isinstance(e, ValidationError) else {"loc": (), "msg": str(e)}
+        loc = ".".join(map(str, first["loc"]))
+        raise KdbenchError(f"{p}: {loc}: {first['msg']}") from None
+
+
+def card_path(name: str) -> Path:
+    return registry_dir() / f"{name}.yaml"
+
+
+def load_card(name: str) -> LossCard:
+    p = card_path(name)
+    if not p.is_file():
+        raise KdbenchError(f"loss {name!r} has no card: expected {p}")
+    card = _load(str(p))
+    if card.name != name:
+        raise KdbenchError(f"{p}: name: card says {card.name!r}, file is for {name!r}")
+    return card
+
+
+def card_names() -> list[str]:
+    d = registry_dir()
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []

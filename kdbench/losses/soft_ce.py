@@ -1,0 +1,22 @@
+"""Soft-target cross-entropy (ppriyank/Distillation-Loss ``Soft_Entropy``): −Σ q log p_s, no T² factor.
+
+q = softmax(z_t/τ); the student is softened by the same τ only with ``student_softening=True``.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from kdbench.losses.base import DistillLoss, check_temperature, register_loss
+
+
+@register_loss("soft_ce")
+class SoftCELoss(DistillLoss):
+    def __init__(self, temperature: float = 3.0, student_softening: bool = False):
+        super().__init__()
+        self.temperature = check_temperature(temperature)
+        self.student_softening = bool(student_softening)
+
+    def per_sample(self, student, teacher, labels, epoch):
+        q = F.softmax(teacher.logits.float() / self.temperature, dim=1)
+        tau_s = self.temperature if self.student_softening else 1.0
+        return -(q * F.log_softmax(student.logits.float() / tau_s, dim=1)).sum(dim=1)

@@ -1,0 +1,369 @@
+"""Orchestration of ``kdbench run``: teacher → CE baseline → one Optuna study per loss → confirm seeds → leaderboard.
+
+State that must survive a crash lives in the Optuna storage and the MLflow store, so running the same study into
+the same output directory again resumes it: finished trials and runs are not repeated, the teacher comes from
+the cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import optuna
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+import kdbench
+from kdbench import tracking as tk
+from kdbench.config import StudyConfig
+from kdbench.data import DataBundle, load_data
+from kdbench.errors import KdbenchError
+from kdbench.losses import create_loss
+from kdbench.models import create_model
+from kdbench.teacher import default_cache_dir, get_teacher
+from kdbench.train import (
+    DistillObjective,
+    EpochStats,
+    FitResult,
+    NonFiniteLoss,
+    TeacherProvider,
+    fit,
+    predict_logits,
+    resolve_device,
+)
+from kdbench.validate import ResolvedEntry, split_values
+
+BASELINE = "ce"  # the leaderboard key of the CE-only student
+
+
+@dataclass
+class StudyPaths:
+    out: Path
+    report_dir: Path
+    tracking_uri: str
+    storage: str
+    cache_dir: Path
+
+    @classmethod
+    def resolve(cls, cfg: StudyConfig, out=None, report_dir=None, tracking_uri=None, storage=None) -> "StudyPaths":
+        out = Path(out or Path("runs") / cfg.name)
+        return cls(
+            out=out,
+            report_dir=Path(report_dir or Path("reports") / cfg.name),
+            tracking_uri=tracking_uri or cfg.tracking.uri or f"sqlite:///{(out / 'mlflow.db').resolve()}",
+            storage=storage or cfg.storage or f"sqlite:///{(out / 'optuna.db').resolve()}",
+            cache_dir=Path(cfg.teacher.cache_dir) if cfg.teacher.cache_dir else default_cache_dir(),
+        )
+
+
+@dataclass
+class StudySummary:
+    paths: StudyPaths
+    experiment: str
+    parent_run_id: str
+    leaderboard: Path
+    teacher_source: str
+
+
+def optuna_study_name(cfg: StudyConfig, key: str) -> str:
+    return f"{cfg.name}.{key}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(kdbench.__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Progress:
+    """A bar over all runs of the study and one over the epochs of the current run (hidden when not a TTY);
+    one line per finished run either way unless quiet."""
+
+    def __init__(self, total_runs: int, quiet: bool):
+        self.quiet = quiet
+        self.runs = tqdm(total=total_runs, desc="runs", unit="run", disable=True if quiet else None, position=0)
+        self.epochs: Optional[tqdm] = None
+
+    def start(self, desc: str, epochs: int) -> None:
+        self.epochs = tqdm(total=epochs, desc=desc, unit="ep", leave=False, disable=True if self.quiet else None,
+                           position=1)
+
+    def epoch(self) -> None:
+        if self.epochs is not None:
+            self.epochs.update()
+
+    def done(self, line: str) -> None:
+        if self.epochs is not None:
+            self.epochs.close()
+            self.epochs = None
+        self.runs.update()
+        self.say(line)
+
+    def say(self, line: str) -> None:
+        if not self.quiet:
+            tqdm.write(line)
+
+    def close(self) -> None:
+        self.runs.close()
+
+
+class StudyRunner:
+    def __init__(self, cfg: StudyConfig, entries: list[ResolvedEntry], paths: StudyPaths, quiet: bool = False):
+        self.cfg, self.entries, self.paths, self.quiet = cfg, entries, paths, quiet
+        self.experiment = cfg.tracking.experiment or cfg.name
+        seeds = cfg.confirm.seed_list
+        total = 2 + cfg.sweep.trials * len(entries) + (1 + len(entries)) * len(seeds)
+        self.device = resolve_device(cfg.train.device)  # before anything is written
+        self.progress = Progress(total, quiet)
+        self.tracker: Optional[tk.Tracker] = None
+        self.parent = ""
+
+    # -- MLflow helpers ---------------------------------------------------------------------------------------
+    def _tags(self, role: str, **extra: Any) -> dict[str, Any]:
+        return {tk.ROLE: role, tk.STUDY: self.cfg.name, **extra}
+
+    @contextlib.contextmanager
+    def _child(self, name: str, tags: dict[str, Any], params: Optional[dict] = None) -> Iterator[str]:
+        """A child run that ends FINISHED, FAILED or KILLED according to how its block ends; a pruned trial ends
+        FINISHED with ``kdbench.trial_state=PRUNED``."""
+        run_id = self.tracker.start_run(name, tags, parent=self.parent, params=params)
+        try:
+            yield run_id
+        except optuna.TrialPruned as e:
+            self.tracker.set_tags(run_id, {tk.STATE: "PRUNED", "kdbench.prune_reason": str(e) or "median pruner"})
+            self.tracker.end_run(run_id, "FINISHED")
+            raise
+        except KeyboardInterrupt:
+            self.tracker.end_run(run_id, "KILLED")
+            raise
+        except BaseException as e:
+            self.tracker.set_tags(run_id, {tk.STATE: "FAIL", "kdbench.error": tk.mask_secrets(str(e))[:500]})
+            self.tracker.end_run(run_id, "FAILED")
+            raise
+        else:
+            self.tracker.end_run(run_id, "FINISHED")
+
+    def _finished(self, **tags: Any) -> list:
+        return [r for r in self.tracker.find(parent=self.parent, **tags) if r.info.status == "FINISHED"]
+
+    def _epoch_logger(self, run_id: str, trial: Optional[optuna.Trial] = None):
+        def on_epoch(stats: EpochStats) -> None:
+            self.tracker.log_metrics(run_id, stats.metrics(), step=stats.epoch)
+            if trial is not None:
+                trial.report(stats.val_acc, stats.epoch)
+                if trial.should_prune():
+                    reason = f"median pruner at epoch {stats.epoch}"
+                    trial.set_user_attr("kdbench.reason", reason)
+                    raise optuna.TrialPruned(reason)
+
+        return on_epoch
+
+    # -- phases -----------------------------------------------------------------------------------------------
+    def _open_parent(self) -> None:
+        cfg = self.cfg
+        fingerprint = cfg.fingerprint()
+        existing = self.tracker.find(role="study", study=cfg.name)
+        if existing:
+            run = existing[0]
+            if run.data.tags.get(tk.CONFIG_HASH) != fingerprint:
+                raise KdbenchError(
+                    f"{self.paths.out}: holds a run of study {cfg.name!r} with a different configuration; "
+                    f"use --out to start a new output directory")
+            self.parent = run.info.run_id
+            self.tracker.reopen(self.parent)
+            self.progress.say(f"resuming study {cfg.name!r} (MLflow run {self.parent})")
+            return
+        tags = self._tags("study", **{
+            tk.CONFIG_HASH: fingerprint, "kdbench.version": kdbench.__version__, "kdbench.commit": git_commit(),
+            "kdbench.torch": torch.__version__, "kdbench.device": str(self.device),
+            "kdbench.optuna_storage": tk.mask_secrets(self.paths.storage),
+            "mlflow.note.content": cfg.description or f"kdbench study {cfg.name}"})
+        params = {k: tk.mask_secrets(v) if isinstance(v, str) else v
+                  for k, v in tk.flatten(cfg.model_dump(mode="json", exclude={"losses"})).items()}
+        params["losses"] = [e.key for e in self.entries]
+        self.parent = self.tracker.start_run(cfg.name, tags, params=params)
+        snapshot = self.paths.out / "study.yaml"
+        snapshot.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        self.tracker.log_artifact(self.parent, snapshot)
+
+    def _teacher(self, data: DataBundle):
+        cfg = self.cfg
+        done = self._finished(role="teacher")
+        self.progress.start(f"teacher {cfg.teacher.model}", cfg.teacher.epochs)
+        if done:
+            model, info = get_teacher(cfg, data, self.device, cfg.train.precision, self.paths.cache_dir)
+            self.progress.done(f"teacher {cfg.teacher.model}: {info.source}, test_acc {info.test_acc:.4f}")
+            return model, info
+        with self._child(f"teacher {cfg.teacher.model}", self._tags("teacher", **{tk.LOSS: "teacher"})) as run_id:
+            model, info = get_teacher(cfg, data, self.device, cfg.train.precision, self.paths.cache_dir,
+                                      on_epoch=self._epoch_logger(run_id), progress=self.progress.epoch)
+            if info.source != "trained":  # its epochs were logged when it was trained; record the summary
+                for h in info.history:
+                    self.tracker.log_metrics(run_id, {k: v for k, v in h.items() if k != "epoch"}, step=h["epoch"])
+            self.tracker.log_params(run_id, {"model": cfg.teacher.model, "kwargs": cfg.teacher.kwargs,
+                                             "n_params": info.n_params, "source": info.source})
+            self.tracker.set_tags(run_id, {"kdbench.teacher_source": info.source, "kdbench.teacher_key": info.key,
+                                           "kdbench.checkpoint": info.path})
+            self.tracker.log_metrics(run_id, {"selected_val_acc": info.val_acc, "selected_test_acc": info.test_acc,
+                                              "train_seconds": info.seconds})
+        self.progress.done(f"teacher {cfg.teacher.model}: {info.source} ({info.path}), val_acc {info.val_acc:.4f}, "
+                           f"test_acc {info.test_acc:.4f}")
+        return model, info
+
+    def _train_student(self, data: DataBundle, provider: TeacherProvider, entry: Optional[ResolvedEntry],
+                       values: Optional[dict], seed: int, run_id: str, desc: str,
+                       trial: Optional[optuna.Trial] = None, eval_test: bool = False) -> FitResult:
+        cfg = self.cfg
+        torch.manual_seed(seed)
+        student = create_model(cfg.student.model, data.num_classes, data.in_chans, cfg.student.kwargs)
+        objective = None
+        if entry is not None:
+            own, alpha, weight = split_values(values)
+            objective = DistillObjective(create_loss(entry.name, **own), provider, alpha, weight)
+        self.progress.start(desc, cfg.train.epochs)
+        result = fit(student, data.student_train, data.val, cfg.train, device=self.device,
+                     precision=cfg.train.precision, seed=seed, objective=objective,
+                     test=data.test if eval_test else None,
+                     augment_pad=data.image_size // 8 if cfg.data.augment else 0,
+                     hflip=cfg.data.augment and data.hflip,
+                     on_epoch=self._epoch_logger(run_id, trial), progress=self.progress.epoch)
+        best = result.selected(cfg.sweep.select)
+        summary = {"selected_val_acc": best.val_acc, "selected_epoch": best.epoch, "train_seconds": result.seconds}
+        if eval_test:
+            summary["selected_test_acc"] = best.test_acc
+        self.tracker.log_metrics(run_id, summary)
+        return result
+
+    def _baseline(self, data: DataBundle, provider: TeacherProvider) -> None:
+        if self._finished(role="baseline"):
+            return
+        seed = self.cfg.sweep.seed
+        tags = self._tags("baseline", **{tk.LOSS: BASELINE, tk.SEED: seed})
+        with self._child("baseline ce", tags, params={"loss": BASELINE, "seed": seed, "alpha": 0.0}) as run_id:
+            result = self._train_student(data, provider, None, None, seed, run_id, "baseline ce")
+        self.progress.done(f"baseline ce: val_acc {result.selected(self.cfg.sweep.select).val_acc:.4f}")
+
+    def _sampler(self) -> optuna.samplers.BaseSampler:
+        s = self.cfg.sweep
+        if s.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=s.seed)
+        # TPE's default of 10 random start-up trials would leave a small sweep purely random
+        return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=max(2, min(10, s.trials // 3)))
+
+    def _pruner(self) -> optuna.pruners.BasePruner:
+        s = self.cfg.sweep
+        if s.pruner == "none":
+            return optuna.pruners.NopPruner()
+        return optuna.pruners.MedianPruner(n_startup_trials=s.pruner_startup_trials,
+                                           n_warmup_steps=s.pruner_warmup_epochs)
+
+    def _load_optuna(self, entry: ResolvedEntry) -> optuna.Study:
+        return optuna.create_study(study_name=optuna_study_name(self.cfg, entry.key), storage=self.paths.storage,
+                                   sampler=self._sampler(), pruner=self._pruner(), direction="maximize",
+                                   load_if_exists=True)
+
+    def _sweep(self, entry: ResolvedEntry, data: DataBundle, provider: TeacherProvider) -> None:
+        cfg = self.cfg
+        study = self._load_optuna(entry)
+        if not study.trials:
+            study.enqueue_trial(entry.first_trial(), user_attrs={"kdbench.paper_defaults": True})
+        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        remaining = cfg.sweep.trials - len(study.get_trials(deepcopy=False, states=finished))
+
+        def objective(trial: optuna.Trial) -> float:
+            searched = {k: spec.suggest(trial, k) for k, spec in entry.space.items()}
+            values = entry.values(searched)
+            tags = self._tags("trial", **{tk.LOSS: entry.key, tk.LOSS_NAME: entry.name, tk.SEED: cfg.sweep.seed,
+                                          tk.OPTUNA_STUDY: study.study_name, tk.TRIAL: trial.number})
+            desc = f"{entry.key} trial {trial.number}"
+            with self._child(desc, tags, params={"loss": entry.name, **values}) as run_id:
+                trial.set_user_attr("mlflow_run_id", run_id)
+                try:
+                    result = self._train_student(data, provider, entry, values, cfg.sweep.seed, run_id, desc, trial)
+                except NonFiniteLoss as e:
+                    trial.set_user_attr("kdbench.reason", str(e))
+                    raise optuna.TrialPruned(str(e)) from None
+                score = result.selected(cfg.sweep.select).val_acc
+                self.tracker.set_tags(run_id, {tk.STATE: "COMPLETE"})
+            return score
+
+        def report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in trial.params.items()}
+            value = f"val_acc {trial.value:.4f}" if trial.value is not None else ""
+            if trial.state != optuna.trial.TrialState.COMPLETE:
+                value = f"{trial.state.name.lower()} ({trial.user_attrs.get('kdbench.reason', '')}) {value}"
+            self.progress.done(f"{entry.key} trial {trial.number}: {value} {shown}")
+
+        if remaining > 0:
+            study.optimize(objective, n_trials=remaining, callbacks=[report])
+
+    def _confirm(self, data: DataBundle, provider: TeacherProvider) -> None:
+        cfg = self.cfg
+        plans: list[tuple[str, Optional[ResolvedEntry], Optional[dict]]] = [(BASELINE, None, None)]
+        for entry in self.entries:
+            study = self._load_optuna(entry)
+            try:
+                best = study.best_trial
+            except ValueError:
+                self.progress.say(f"{entry.key}: no completed trial, nothing to confirm")
+                continue
+            plans.append((entry.key, entry, entry.values(best.params)))
+        for key, entry, values in plans:
+            for seed in cfg.confirm.seed_list:
+                if self._finished(role="confirm", loss=key, seed=seed):
+                    continue
+                tags = self._tags("confirm", **{tk.LOSS: key, tk.LOSS_NAME: entry.name if entry else BASELINE,
+                                                tk.SEED: seed})
+                params = {"loss": entry.name if entry else BASELINE, "seed": seed, **(values or {"alpha": 0.0})}
+                desc = f"confirm {key} seed {seed}"
+                with self._child(desc, tags, params=params) as run_id:
+                    result = self._train_student(data, provider, entry, values, seed, run_id, desc, eval_test=True)
+                self.progress.done(f"{desc}: test_acc {result.selected(cfg.sweep.select).test_acc:.4f}")
+
+    # -- the whole study ----------------------------------------------------------------------------------------
+    def run(self) -> StudySummary:
+        from kdbench.report import write_leaderboard
+
+        cfg, paths = self.cfg, self.paths
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        logging.getLogger("optuna").setLevel(logging.WARNING)
+        paths.out.mkdir(parents=True, exist_ok=True)
+        self.tracker = tk.Tracker(paths.tracking_uri, self.experiment, artifact_dir=paths.out / "artifacts")
+        self._open_parent()
+        try:
+            data = load_data(cfg.data)
+            teacher, info = self._teacher(data)
+            cached = None
+            if not cfg.data.augment:  # inputs are the same every epoch: one teacher pass serves the whole study
+                cached = predict_logits(teacher, data.student_train.x.to(self.device), precision=cfg.train.precision)
+            provider = TeacherProvider(teacher, cached, cfg.train.precision)
+            self.tracker.set_tags(self.parent, {"kdbench.teacher_outputs": provider.mode})
+            self._baseline(data, provider)
+            for entry in self.entries:
+                self._sweep(entry, data, provider)
+            self._confirm(data, provider)
+        except KeyboardInterrupt:
+            self.tracker.end_run(self.parent, "KILLED")
+            raise
+        except BaseException:
+            self.tracker.end_run(self.parent, "FAILED")
+            raise
+        finally:
+            self.progress.close()
+        self.tracker.end_run(self.parent, "FINISHED")
+        board = write_leaderboard(self.tracker, self.parent, paths.report_dir)
+        return StudySummary(paths, self.experiment, self.parent, board, info.source)
+
+
+def run_study(cfg: StudyConfig, entries: list[ResolvedEntry], out=None, report_dir=None, tracking_uri=None,
+              storage=None, quiet: bool = False) -> StudySummary:
+    paths = StudyPaths.resolve(cfg, out, report_dir, tracking_uri, storage)
+    return StudyRunner(cfg, entries, paths, quiet=quiet).run()

@@ -1,0 +1,116 @@
+"""The teacher: loaded from a checkpoint, or trained once and cached on disk by a hash of its spec and the data.
+
+Cache files are ``<cache>/<model>-<hash>.safetensors`` (weights) and ``.json`` (spec, scores, per-epoch history),
+written atomically so an interrupted run never leaves a half-written teacher behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from kdbench.data import DataBundle
+from kdbench.errors import KdbenchError
+from kdbench.models import count_params, create_model
+from kdbench.train import EpochStats, evaluate, fit
+
+RECIPE_FIELDS = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "schedule", "milestones", "gamma")
+
+
+@dataclass
+class TeacherInfo:
+    source: str  # trained | cached | checkpoint
+    path: str
+    key: str
+    val_acc: float
+    test_acc: float
+    n_params: int
+    seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("KDBENCH_CACHE_DIR") or Path.home() / ".cache" / "kdbench"
+    return Path(root) / "teachers"
+
+
+def teacher_key(cfg, data: DataBundle, precision: str, augment: bool) -> str:
+    """Everything that changes the trained weights: model, kwargs, recipe, seed, data, precision, augmentation."""
+    t = cfg.teacher
+    spec = {
+        "model": t.model,
+        "kwargs": t.kwargs,
+        "recipe": {k: getattr(t, k) for k in RECIPE_FIELDS},
+        "seed": t.seed,
+        "data": data.fingerprint,
+        "precision": precision,
+        "augment": augment,
+        "format": 1,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_state(model: torch.nn.Module, path: Path, what: str) -> None:
+    """Load weights without executing code: safetensors, or ``torch.load(weights_only=True)``."""
+    try:
+        state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
+                                                                                   weights_only=True)
+    except Exception as e:
+        raise KdbenchError(f"{what}: cannot load {path} safely: {str(e).splitlines()[0]}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = [ln.strip() for ln in str(e).splitlines() if ln.strip()][1:2] or [str(e)]
+        raise KdbenchError(f"{what}: {path} does not match the model: {first[0]}") from None
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def get_teacher(cfg, data: DataBundle, device: torch.device, precision: str, cache_dir: Path,
+                on_epoch: Optional[Callable[[EpochStats], None]] = None,
+                progress: Optional[Callable[[], None]] = None) -> tuple[torch.nn.Module, TeacherInfo]:
+    t = cfg.teacher
+    augment = cfg.data.augment
+    torch.manual_seed(t.seed)
+    model = create_model(t.model, data.num_classes, data.in_chans, t.kwargs)
+    n_params = count_params(model)
+    if t.checkpoint:
+        load_state(model, Path(t.checkpoint), "teacher.checkpoint")
+        model.to(device)
+        val, test = evaluate(model, data.val.to(device), precision)[0], evaluate(model, data.test.to(device), precision)[0]
+        return model.eval(), TeacherInfo("checkpoint", str(t.checkpoint), "", val, test, n_params)
+
+    key = teacher_key(cfg, data, precision, augment)
+    weights = cache_dir / f"{t.model}-{key}.safetensors"
+    meta_path = weights.with_suffix(".json")
+    if weights.is_file() and meta_path.is_file():
+        load_state(model, weights, f"teacher cache {weights}")
+        meta = json.loads(meta_path.read_text())
+        return model.to(device).eval(), TeacherInfo("cached", str(weights), key, meta["val_acc"], meta["test_acc"],
+                                                     n_params, meta["seconds"], meta["history"])
+
+    result = fit(model, data.train, data.val, t, device=device, precision=precision, seed=t.seed,
+                 augment_pad=data.image_size // 8 if augment else 0, hflip=augment and data.hflip,
+                 on_epoch=on_epoch, progress=progress)
+    val = result.history[-1].val_acc
+    test = evaluate(model, data.test.to(device), precision)[0]
+    history = [s.metrics() | {"epoch": s.epoch} for s in result.history]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(weights, lambda p: save_file(state, str(p)))
+    meta = {"model": t.model, "kwargs": t.kwargs, "key": key, "val_acc": val, "test_acc": test,
+            "seconds": result.seconds, "history": history, "data": data.summary()}
+    _atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
+    return model.eval(), TeacherInfo("trained", str(weights), key, val, test, n_params, result.seconds, history)
