@@ -12,7 +12,19 @@ from kdbench.losses.base import (
     register_loss,
 )
 from kdbench.losses.cards import LossCard, card_names, load_card
-from kdbench.losses import kd, mse_logits, soft_ce  # noqa: F401  (registration side effect)
+
+
+def _import_loss_modules() -> None:
+    """Import every module of this package so its ``@register_loss`` runs: adding a loss is adding one file."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if info.name not in ("base", "cards"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_loss_modules()
 
 __all__ = [
     "DistillLoss",

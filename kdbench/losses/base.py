@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, ClassVar, Optional
 
 from torch import Tensor, nn
@@ -48,6 +48,13 @@ class DistillLoss(nn.Module):
     #: True when the loss has per-sample values (reduction="none" and per-sample weighting work)
     has_per_sample: ClassVar[bool] = True
 
+    #: what holds when student and teacher outputs are equal (checked for every entry by one registry-wide test):
+    #: "zero" (the value is 0), "stationary" (the student gradient is 0, the value is a stated minimum), or
+    #: "none" (neither; the card's notes say why)
+    at_equality: ClassVar[str] = "zero"
+    #: set by ``create_loss(..., standardize=True)`` on logit losses (Sun et al., CVPR 2024)
+    standardize: bool = False
+
     def per_sample(self, student: Outputs, teacher: Outputs, labels: Optional[Tensor], epoch: Optional[float]) -> Tensor:
         raise NotImplementedError
 
@@ -64,7 +71,11 @@ class DistillLoss(nn.Module):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self._check_inputs(student, teacher, labels)
-        values = self.per_sample(student, teacher.detach(), labels, epoch)
+        teacher = teacher.detach()
+        if self.standardize:
+            student = replace(student, logits=standardize_logits(student.logits))
+            teacher = replace(teacher, logits=standardize_logits(teacher.logits))
+        values = self.per_sample(student, teacher, labels, epoch)
         if reduction == "none":
             return values
         return values.sum() if reduction == "sum" else values.mean()
@@ -117,13 +128,18 @@ def get_loss_class(name: str) -> type[DistillLoss]:
 
 
 def loss_parameters(name: str) -> dict[str, object]:
-    """The loss's own constructor parameters and their defaults (``inspect.Parameter.empty`` when required)."""
-    sig = inspect.signature(get_loss_class(name).__init__)
-    return {
+    """The loss's own constructor parameters and their defaults (``inspect.Parameter.empty`` when required).
+    Every loss that reads logits also takes ``standardize`` (default False)."""
+    cls = get_loss_class(name)
+    sig = inspect.signature(cls.__init__)
+    params = {
         p.name: p.default
         for p in list(sig.parameters.values())[1:]
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     }
+    if "logits" in cls.needs:
+        params.setdefault("standardize", False)
+    return params
 
 
 def create_loss(name: str, **params) -> DistillLoss:
@@ -133,7 +149,17 @@ def create_loss(name: str, **params) -> DistillLoss:
     bad = sorted(set(params) - set(known))
     if bad:
         raise KdbenchError(f"loss {name!r} has no parameter {', '.join(map(repr, bad))}; it takes {sorted(known)}")
-    return cls(**params)
+    standardize = params.pop("standardize", False) if "standardize" not in inspect.signature(cls.__init__).parameters else False
+    loss = cls(**params)
+    if standardize:
+        loss.standardize = bool(standardize)
+    return loss
+
+
+def standardize_logits(z: Tensor, eps: float = 1e-7) -> Tensor:
+    """Per-row z-score with the unbiased std, gradient flowing through both (logit standardization, §1.12)."""
+    z = z.float()
+    return (z - z.mean(dim=-1, keepdim=True)) / (z.std(dim=-1, keepdim=True) + eps)
 
 
 def kl_rows(p_log_target: Tensor, p_log_input: Tensor) -> Tensor:

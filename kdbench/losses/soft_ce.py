@@ -11,6 +11,9 @@ from kdbench.losses.base import DistillLoss, check_temperature, register_loss
 
 @register_loss("soft_ce")
 class SoftCELoss(DistillLoss):
+    # with student_softening (the card default) the gradient (p_s − q)/τ vanishes at equality; the value is H(q)
+    at_equality = "stationary"
+
     def __init__(self, temperature: float = 3.0, student_softening: bool = False):
         super().__init__()
         self.temperature = check_temperature(temperature)
