@@ -176,14 +176,15 @@ class StudyConfig(StrictModel):
             return [{"name": e} if isinstance(e, str) else e for e in v]
         return v
 
-    @model_validator(mode="after")
-    def _unique_keys(self) -> "StudyConfig":
+    @field_validator("losses")
+    @classmethod
+    def _unique_keys(cls, losses: list[LossEntry]) -> list[LossEntry]:
         seen = set()
-        for e in self.losses:
+        for e in losses:
             if e.key in seen:
                 raise ValueError(f"loss {e.key!r} appears twice; give one a distinct 'label'")
             seen.add(e.key)
-        return self
+        return losses
 
     def fingerprint(self) -> str:
         """A hash of everything that defines the experiment (not where it is stored)."""

@@ -1,0 +1,123 @@
+"""Study-file validation: every problem is one line naming the file and the field."""
+import copy
+
+import pytest
+import yaml
+
+from kdbench.config import load_study, parse_study
+from kdbench.errors import KdbenchError
+from kdbench.validate import check_study
+
+BASE = {
+    "name": "t",
+    "teacher": {"model": "test_resnet", "epochs": 1},
+    "student": {"model": "test_resnet"},
+    "losses": ["kd"],
+}
+
+
+def with_(path, value):
+    d = copy.deepcopy(BASE)
+    node = d
+    keys = path.split(".")
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+    return d
+
+
+def test_minimal_study_gets_documented_defaults():
+    cfg = parse_study(BASE)
+    assert cfg.data.dataset == "digits" and cfg.data.image_size == 32
+    assert (cfg.data.splits.train, cfg.data.splits.val, cfg.data.splits.test) == (0.6, 0.2, 0.2)
+    assert cfg.train.device == "auto" and cfg.train.precision == "fp32"
+    assert cfg.sweep.sampler == "tpe" and cfg.sweep.pruner == "median" and cfg.sweep.select == "last"
+    assert cfg.confirm.seed_list == [0, 1, 2]
+    assert cfg.losses[0].name == "kd" and cfg.losses[0].key == "kd"
+
+
+@pytest.mark.parametrize(
+    "path,value,pattern",
+    [
+        ("train.epochs", -1, r"study: train\.epochs: Input should be greater than 0 \(got -1\)"),
+        ("teacher.epochs", 0, r"teacher\.epochs: Input should be greater than 0"),
+        ("train.optimizer", "rmsprop", r"train\.optimizer: Input should be 'sgd', 'adam' or 'adamw'"),
+        ("data.splits", {"train": 0.5, "val": 0.2, "test": 0.2}, r"data\.splits: train \+ val \+ test must be 1"),
+        ("data.student_label_noise", 1.5, r"data\.student_label_noise: .*less than 1"),
+        ("train.device", "gpu", r"train\.device: must be auto, cpu, cuda"),
+        ("train.bogus", 1, r"train\.bogus: unknown field"),
+        ("name", "bad name!", r"name: String should match pattern"),
+        ("sweep.trials", 0, r"sweep\.trials: Input should be greater than 0"),
+        ("confirm.seeds", [1, 1], r"confirm\.seeds: must be a non-empty list of distinct seeds"),
+        ("losses", [], r"losses: List should have at least 1 item"),
+        ("losses", ["kd", "kd"], r"losses: loss 'kd' appears twice"),
+    ],
+)
+def test_schema_errors_name_the_field(path, value, pattern):
+    with pytest.raises(KdbenchError, match=pattern) as err:
+        parse_study(with_(path, value))
+    assert "\n" not in str(err.value)
+
+
+def test_missing_required_fields():
+    d = copy.deepcopy(BASE)
+    del d["student"]
+    with pytest.raises(KdbenchError, match=r"student: missing required field"):
+        parse_study(d)
+
+
+@pytest.mark.parametrize(
+    "path,value,pattern",
+    [
+        ("losses", ["kdd"], r"losses\[0\]\.name: unknown loss 'kdd'; did you mean 'kd'"),
+        ("losses", [{"name": "kd", "params": {"temp": 2}}], r"losses\[0\]\.params: loss 'kd' has no parameter 'temp'"),
+        ("losses", [{"name": "kd", "params": {"temperature": -2}}], r"losses\[0\]\.params: temperature must be > 0"),
+        ("losses", [{"name": "kd", "search": {"alpha": {"low": 0.5, "high": 2}}}],
+         r"losses\[0\]\.search\.alpha: must lie within \[0, 1\]"),
+        ("teacher.model", "resnet181", r"teacher\.model: unknown timm model 'resnet181'; did you mean"),
+        ("student.model", "no_such_net", r"student\.model: unknown timm model 'no_such_net'"),
+        ("teacher.checkpoint", "/nonexistent/t.safetensors", r"teacher\.checkpoint: file not found"),
+        ("data.dataset", "imagenet", r"data\.dataset: unknown data set 'imagenet'"),
+    ],
+)
+def test_registry_and_model_checks(path, value, pattern):
+    cfg = parse_study(with_(path, value))
+    with pytest.raises(KdbenchError, match=pattern):
+        check_study(cfg, "study")
+
+
+def test_bad_search_spec_is_a_schema_error():
+    d = with_("losses", [{"name": "kd", "search": {"temperature": {"low": 5, "high": 1}}}])
+    with pytest.raises(KdbenchError, match=r"losses\[0\]\.search\.temperature: low \(5\.0\) must not exceed high"):
+        parse_study(d)
+
+
+def test_resolved_space_fixed_params_win_and_null_removes():
+    d = with_("losses", [{"name": "kd", "params": {"temperature": 2.0}, "search": {"alpha": None}},
+                         {"name": "kd", "label": "kd_t", "search": {"temperature": {"low": 2, "high": 3}}}])
+    a, b = check_study(parse_study(d))
+    assert a.space == {} and a.values({})["temperature"] == 2.0 and a.values({})["alpha"] == 0.9
+    assert set(b.space) == {"temperature", "alpha"} and b.space["temperature"].high == 3
+    assert b.first_trial() == {"temperature": 4.0, "alpha": 0.9}
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(KdbenchError, match=r"nope\.yaml: study file not found"):
+        load_study(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(KdbenchError, match=r"bad\.yaml: invalid YAML at line"):
+        load_study(bad)
+    notmap = tmp_path / "list.yaml"
+    notmap.write_text("- 1\n- 2\n")
+    with pytest.raises(KdbenchError, match=r"list\.yaml: a study file must be a YAML mapping"):
+        load_study(notmap)
+
+
+def test_shipped_studies_validate():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parents[1].glob("studies/*.yaml")):
+        cfg = load_study(path)
+        check_study(cfg, str(path))
+        assert yaml.safe_load(path.read_text())["name"] == cfg.name

@@ -1,0 +1,132 @@
+"""A tiny study end to end through the CLI, checked through the MLflow client and optuna.load_study."""
+import os
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from kdbench.cli import main
+
+TINY = {
+    "name": "tiny",
+    "data": {"image_size": 16, "student_fraction": 0.25, "student_label_noise": 0.3},
+    "teacher": {"model": "test_resnet", "epochs": 3, "lr": 0.05},
+    "student": {"model": "test_resnet"},
+    "train": {"epochs": 3, "batch_size": 32, "lr": 0.05, "device": "cpu"},
+    "losses": ["kd", {"name": "mse_logits", "search": {"weight": None}}],
+    "sweep": {"trials": 2, "seed": 0},
+    "confirm": {"seeds": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    study = root / "tiny.yaml"
+    study.write_text(yaml.safe_dump(TINY))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        code = main(["run", str(study), "--quiet"])
+    finally:
+        os.chdir(cwd)
+    assert code == 0
+    return root, study
+
+
+def client(root):
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'runs' / 'tiny' / 'mlflow.db'}")
+
+
+def runs_by_role(root):
+    c = client(root)
+    exp = c.get_experiment_by_name("tiny")
+    runs = c.search_runs([exp.experiment_id], max_results=1000)
+    by = {}
+    for r in runs:
+        by.setdefault(r.data.tags.get("kdbench.role"), []).append(r)
+    return c, by
+
+
+def test_expected_mlflow_runs(tiny_run):
+    root, _ = tiny_run
+    c, by = runs_by_role(root)
+    assert {k: len(v) for k, v in by.items()} == {"study": 1, "teacher": 1, "baseline": 1, "trial": 4, "confirm": 6}
+    parent = by["study"][0].info.run_id
+    for role in ("teacher", "baseline", "trial", "confirm"):
+        for r in by[role]:
+            assert r.data.tags["mlflow.parentRunId"] == parent and r.info.status == "FINISHED"
+    assert by["study"][0].info.status == "FINISHED"
+    trials = sorted((r.data.tags["kdbench.loss"], int(r.data.tags["optuna.trial_number"])) for r in by["trial"])
+    assert trials == [("kd", 0), ("kd", 1), ("mse_logits", 0), ("mse_logits", 1)]
+    for r in by["trial"]:
+        assert r.data.tags["optuna.study_name"] == f"tiny.{r.data.tags['kdbench.loss']}"
+        assert r.data.tags["kdbench.trial_state"] in ("COMPLETE", "PRUNED")
+        history = c.get_metric_history(r.info.run_id, "val_acc")
+        assert [m.step for m in history] == list(range(1, len(history) + 1)) and 1 <= len(history) <= 3
+    confirm = {(r.data.tags["kdbench.loss"], r.data.tags["kdbench.seed"]) for r in by["confirm"]}
+    assert confirm == {(k, s) for k in ("ce", "kd", "mse_logits") for s in ("0", "1")}
+    for r in by["confirm"]:
+        assert 0.0 <= r.data.metrics["selected_test_acc"] <= 1.0
+    # the teacher trained on clean labels beats chance by far even after 3 epochs
+    assert by["teacher"][0].data.metrics["selected_test_acc"] > 0.5
+
+
+def test_optuna_studies_and_paper_defaults_first(tiny_run):
+    root, _ = tiny_run
+    storage = f"sqlite:///{root / 'runs' / 'tiny' / 'optuna.db'}"
+    kd = optuna.load_study(study_name="tiny.kd", storage=storage)
+    assert len(kd.trials) == 2 and [t.number for t in kd.trials] == [0, 1]
+    assert kd.trials[0].params == {"temperature": 4.0, "alpha": 0.9}
+    mse = optuna.load_study(study_name="tiny.mse_logits", storage=storage)
+    assert set(mse.trials[0].params) == {"alpha"}  # 'weight' removed from the search by the study
+    for study in (kd, mse):
+        for t in study.trials:
+            assert t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+            assert "mlflow_run_id" in t.user_attrs
+
+
+def test_leaderboard_rows(tiny_run):
+    root, _ = tiny_run
+    text = (root / "reports" / "tiny" / "LEADERBOARD.md").read_text()
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("| rank")]
+    names = [r.split("|")[2].strip() for r in rows]
+    assert names[0] == "teacher `test_resnet`"
+    assert sorted(names[1:]) == ["`ce`", "`kd`", "`mse_logits`"]
+    assert "tuned on **val**" in text and "scored on **test**" in text and "Incomplete" not in text
+
+
+def test_rerun_resumes_without_new_runs_and_report_is_stable(tiny_run, capsys):
+    root, study = tiny_run
+    board = root / "reports" / "tiny" / "LEADERBOARD.md"
+    before = board.read_bytes()
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert main(["run", str(study)]) == 0
+        out = capsys.readouterr()
+        assert "teacher test_resnet: cached" in out.err + out.out
+        assert main(["report", "runs/tiny", "--report-dir", "again"]) == 0
+    finally:
+        os.chdir(cwd)
+    _, by = runs_by_role(root)
+    assert {k: len(v) for k, v in by.items()} == {"study": 1, "teacher": 1, "baseline": 1, "trial": 4, "confirm": 6}
+    assert board.read_bytes() == before
+    assert (root / "again" / "LEADERBOARD.md").read_bytes() == before
+
+
+def test_changed_study_in_same_dir_is_refused(tiny_run, capsys):
+    root, _ = tiny_run
+    changed = dict(TINY, sweep={"trials": 3, "seed": 0})
+    path = root / "changed.yaml"
+    path.write_text(yaml.safe_dump(changed))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert main(["run", str(path)]) == 2
+    finally:
+        os.chdir(cwd)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "different configuration" in err[0] and "--out" in err[0]
