@@ -23,7 +23,7 @@ from kdbench import tracking as tk
 from kdbench.config import StudyConfig
 from kdbench.data import DataBundle, load_data
 from kdbench.errors import KdbenchError
-from kdbench.losses import create_loss
+from kdbench.losses import create_loss, get_loss_class
 from kdbench.models import create_model
 from kdbench.teacher import default_cache_dir, get_teacher
 from kdbench.train import (
@@ -33,7 +33,6 @@ from kdbench.train import (
     NonFiniteLoss,
     TeacherProvider,
     fit,
-    predict_logits,
     resolve_device,
 )
 from kdbench.validate import ResolvedEntry, split_values
@@ -194,6 +193,12 @@ class StudyRunner:
         snapshot.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         self.tracker.log_artifact(self.parent, snapshot)
 
+    def _teacher_needs(self) -> frozenset:
+        needs = set()
+        for e in self.entries:
+            needs |= get_loss_class(e.name).needs
+        return frozenset(needs & {"features", "embedding"})
+
     def _teacher(self, data: DataBundle):
         cfg = self.cfg
         done = self._finished(role="teacher")
@@ -227,7 +232,7 @@ class StudyRunner:
         objective = None
         if entry is not None:
             own, alpha, weight = split_values(values)
-            objective = DistillObjective(create_loss(entry.name, **own), provider, alpha, weight)
+            objective = DistillObjective(create_loss(entry.name, **own), provider, alpha, weight)  # TODO weighting
         self.progress.start(desc, cfg.train.epochs)
         result = fit(student, data.student_train, data.val, cfg.train, device=self.device,
                      precision=cfg.train.precision, seed=seed, objective=objective,
@@ -341,10 +346,9 @@ class StudyRunner:
         try:
             data = load_data(cfg.data)
             teacher, info = self._teacher(data)
-            cached = None
+            provider = TeacherProvider([teacher], precision=cfg.train.precision)
             if not cfg.data.augment:  # inputs are the same every epoch: one teacher pass serves the whole study
-                cached = predict_logits(teacher, data.student_train.x.to(self.device), precision=cfg.train.precision)
-            provider = TeacherProvider(teacher, cached, cfg.train.precision)
+                provider.precompute(data.student_train.x.to(self.device), self._teacher_needs())
             self.tracker.set_tags(self.parent, {"kdbench.teacher_outputs": provider.mode})
             self._baseline(data, provider)
             for entry in self.entries:

@@ -20,6 +20,9 @@ from kdbench.data import TensorSet
 from kdbench.data.augment import random_crop_flip
 from kdbench.errors import KdbenchError
 from kdbench.losses import DistillLoss, Outputs
+from kdbench.losses.base import LossContext
+from kdbench.losses.weighting import KDWeighting
+from kdbench.models import forward_outputs
 
 
 class NonFiniteLoss(RuntimeError):
@@ -32,6 +35,7 @@ class Batch:
     y: torch.Tensor
     idx: torch.Tensor  # positions in the training set (for cached teacher outputs and sample-indexed losses)
     epoch: float  # 0-based, fractional within the epoch
+    views: Optional[list[torch.Tensor]] = None  # further augmented views, only for losses that need them
 
 
 @dataclass
@@ -126,43 +130,110 @@ def evaluate(model: nn.Module, data: TensorSet, precision: str = "fp32") -> tupl
 class CEObjective:
     """Plain cross-entropy on the labels: the teacher and the CE-only baseline."""
 
-    def __call__(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ce = F.cross_entropy(logits.float(), batch.y)
+    needs: frozenset = frozenset()
+
+    def setup(self, model: nn.Module, train: TensorSet, ctx: LossContext) -> Optional[nn.Module]:
+        return None
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ce = F.cross_entropy(model(batch.x).float(), batch.y)
         return ce, {"ce": ce}
 
 
 class TeacherProvider:
-    """Teacher outputs for a batch: looked up from outputs computed once (deterministic inputs), or computed live
-    under ``no_grad`` in eval mode (random augmentation)."""
+    """Teacher outputs for a batch. With deterministic inputs they are computed once for the whole training set
+    and looked up by sample index; otherwise computed live in eval mode under ``no_grad``. Several teachers are
+    fused by weighted logit averaging (features and embedding come from the first teacher)."""
 
-    def __init__(self, teacher: nn.Module, cached_logits: Optional[torch.Tensor] = None, precision: str = "fp32"):
-        self.teacher = teacher.eval()
-        self.cached_logits = cached_logits
+    def __init__(self, teachers: list[nn.Module], weights: Optional[list[float]] = None, precision: str = "fp32"):
+        self.teachers = [t.eval() for t in teachers]
+        w = torch.tensor(weights if weights is not None else [1.0] * len(teachers), dtype=torch.float32)
+        self.weights = (w / w.sum()).tolist()
         self.precision = precision
+        self.cache: Optional[Outputs] = None
+        self.cached_needs: frozenset = frozenset()
 
     @property
     def mode(self) -> str:
-        return "cached" if self.cached_logits is not None else "live"
+        return "cached" if self.cache is not None else "live"
 
-    def __call__(self, batch: Batch) -> Outputs:
-        if self.cached_logits is not None:
-            return Outputs(logits=self.cached_logits[batch.idx])
-        with torch.no_grad(), autocast(batch.x.device, self.precision):
-            return Outputs(logits=self.teacher(batch.x).float())
+    @torch.no_grad()
+    def live(self, x: torch.Tensor, needs: frozenset = frozenset()) -> Outputs:
+        feats, emb = "features" in needs, "embedding" in needs
+        with autocast(x.device, self.precision):
+            outs = [forward_outputs(t, x, feats, emb) for t in self.teachers]
+        first = outs[0]
+        logits = sum(w * o.logits.float() for w, o in zip(self.weights, outs))
+        return Outputs(logits=logits,
+                       features=[f.float() for f in first.features] if first.features is not None else None,
+                       embedding=first.embedding.float() if first.embedding is not None else None)
+
+    def precompute(self, x: torch.Tensor, needs: frozenset = frozenset(), batch_size: int = 256) -> None:
+        """Compute the outputs for every sample of ``x`` once (inputs are the same every epoch)."""
+        parts = [self.live(x[i: i + batch_size], needs) for i in range(0, x.shape[0], batch_size)]
+        cat = lambda xs: torch.cat(xs) if xs[0] is not None else None  # noqa: E731
+        self.cache = Outputs(
+            logits=cat([p.logits for p in parts]),
+            features=[torch.cat(fs) for fs in zip(*[p.features for p in parts])] if parts[0].features else None,
+            embedding=cat([p.embedding for p in parts]),
+        )
+        self.cached_needs = frozenset(needs)
+
+    def __call__(self, batch: Batch, needs: frozenset = frozenset()) -> Outputs:
+        if self.cache is not None and needs & {"features", "embedding"} <= self.cached_needs:
+            out = self.cache.index(batch.idx)
+        else:
+            out = self.live(batch.x, needs)
+        if batch.views:
+            out.views = [self.live(v, needs) for v in batch.views]
+        return out
 
 
 class DistillObjective:
-    """(1 − alpha)·CE + alpha·weight·loss(student, teacher)."""
+    """(1 − alpha)·CE + alpha·weight·loss(student, teacher), with optional per-sample weighting of the loss."""
 
-    def __init__(self, loss: DistillLoss, teacher: TeacherProvider, alpha: float, weight: float = 1.0):
+    def __init__(self, loss: DistillLoss, teacher: TeacherProvider, alpha: float, weight: float = 1.0,
+                 weighting: Optional[KDWeighting] = None):
         self.loss, self.teacher, self.alpha, self.weight = loss, teacher, float(alpha), float(weight)
+        self.weighting = weighting if weighting is not None and weighting.active else None
+        self.needs = frozenset(loss.needs)
 
-    def __call__(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ce = F.cross_entropy(logits.float(), batch.y)
-        kd = self.loss(Outputs(logits=logits), self.teacher(batch), labels=batch.y, epoch=batch.epoch,
-                       indices=batch.idx)
+    def _student(self, model: nn.Module, x: torch.Tensor) -> Outputs:
+        return forward_outputs(model, x, "features" in self.needs, "embedding" in self.needs)
+
+    def setup(self, model: nn.Module, train: TensorSet, ctx: LossContext) -> Optional[nn.Module]:
+        """Probe one small batch to build the loss's trainable parts; returns the module whose parameters join
+        the optimizer."""
+        n = min(8, len(train))
+        idx = torch.arange(n, device=train.x.device)
+        probe = Batch(x=train.x[:n], y=train.y[:n], idx=idx, epoch=0.0)
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            student = self._student(model, probe.x)
+        model.train(was)
+        self.loss.setup(student, self.teacher(probe, self.needs), ctx)
+        self.loss.to(train.x.device)
+        return self.loss
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        student = self._student(model, batch.x)
+        if batch.views:
+            student.views = [self._student(model, v) for v in batch.views]
+        teacher = self.teacher(batch, self.needs)
+        ce = F.cross_entropy(student.logits.float(), batch.y)
+        terms: dict[str, torch.Tensor] = {"ce": ce}
+        if self.weighting is None:
+            kd = self.loss(student, teacher, labels=batch.y, epoch=batch.epoch, indices=batch.idx)
+        else:
+            per = self.loss(student, teacher, labels=batch.y, epoch=batch.epoch, indices=batch.idx,
+                            reduction="none")
+            kd, stats = self.weighting(per, teacher.logits, batch.y, batch.idx, batch.epoch)
+            terms.update(stats)
+        terms.update({f"kd_{k}": v for k, v in getattr(self.loss, "last_parts", {}).items()})
+        terms["kd"] = kd
         total = (1.0 - self.alpha) * ce + self.alpha * self.weight * kd
-        return total, {"ce": ce, "kd": kd}
+        return total, terms
 
 
 def fit(
@@ -175,7 +246,7 @@ def fit(
     precision: str = "fp32",
     seed: int = 0,
     objective: Optional[Callable] = None,
-    extra_modules: Optional[nn.Module] = None,
+    num_classes: Optional[int] = None,
     test: Optional[TensorSet] = None,
     augment_pad: int = 0,
     hflip: bool = False,
@@ -184,18 +255,24 @@ def fit(
 ) -> FitResult:
     """Train ``model`` on ``train`` for ``recipe.epochs`` epochs; evaluate on ``val`` (and ``test``) every epoch.
 
-    Raises :class:`NonFiniteLoss` if the loss stops being finite. Exceptions raised by ``on_epoch`` (e.g. a
-    pruning signal) propagate unchanged.
+    ``objective(model, batch) -> (loss, terms)`` defaults to cross-entropy; its ``setup`` may return a module
+    (the loss's trainable parts) whose parameters join the optimizer. Raises :class:`NonFiniteLoss` if the loss
+    stops being finite. Exceptions raised by ``on_epoch`` (e.g. a pruning signal) propagate unchanged.
     """
     objective = objective or CEObjective()
     model.to(device).train()
-    params = list(model.parameters()) + (list(extra_modules.parameters()) if extra_modules is not None else [])
+    train, val = train.to(device), val.to(device)
+    test = test.to(device) if test is not None else None
+    # the loss's connectors/heads/centres are built from probed shapes before the optimizer sees the parameters
+    extra = objective.setup(model, train, LossContext(num_classes=num_classes or int(train.y.max()) + 1,
+                                                      num_samples=len(train), epochs=recipe.epochs))
+    params = list(model.parameters()) + (list(extra.parameters()) if extra is not None else [])
     opt = make_optimizer(params, recipe)
     sched = make_scheduler(opt, recipe)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16" and device.type == "cuda")
     gen = torch.Generator(device=device).manual_seed(seed)
-    train, val = train.to(device), val.to(device)
-    test = test.to(device) if test is not None else None
+    want_views = "views" in objective.needs
+    view_pad = max(augment_pad, train.x.shape[-1] // 8, 1)
     n = len(train)
     bs = min(recipe.batch_size, n)
     steps = n // bs  # drop the last partial batch: BatchNorm and batch-level losses need full batches
@@ -211,10 +288,10 @@ def fit(
             x = train.x[idx]
             if augment_pad or hflip:
                 x = random_crop_flip(x, gen, augment_pad, hflip)
-            batch = Batch(x=x, y=train.y[idx], idx=idx, epoch=epoch + it / steps)
+            views = [random_crop_flip(train.x[idx], gen, view_pad, hflip)] if want_views else None
+            batch = Batch(x=x, y=train.y[idx], idx=idx, epoch=epoch + it / steps, views=views)
             with autocast(device, precision):
-                logits = model(x)
-            loss, terms = objective(logits, batch)
+                loss, terms = objective(model, batch)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)

@@ -9,30 +9,22 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable, ClassVar, Optional
 
 from torch import Tensor, nn
 
 from kdbench.errors import KdbenchError
+from kdbench.outputs import Outputs
 
 
 @dataclass
-class Outputs:
-    """What one network produced for a batch: logits, intermediate feature maps, a pooled embedding."""
+class LossContext:
+    """What a loss may need to build its trainable parts or state, besides probed output shapes."""
 
-    logits: Optional[Tensor] = None
-    features: Optional[list[Tensor]] = None
-    embedding: Optional[Tensor] = None
-    extra: dict = field(default_factory=dict)
-
-    def detach(self) -> "Outputs":
-        return Outputs(
-            logits=None if self.logits is None else self.logits.detach(),
-            features=None if self.features is None else [f.detach() for f in self.features],
-            embedding=None if self.embedding is None else self.embedding.detach(),
-            extra=dict(self.extra),
-        )
+    num_classes: int
+    num_samples: int = 0  # size of the training set (sample-indexed memory banks)
+    epochs: int = 0  # total training epochs (schedules)
 
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -54,6 +46,10 @@ class DistillLoss(nn.Module):
     at_equality: ClassVar[str] = "zero"
     #: set by ``create_loss(..., standardize=True)`` on logit losses (Sun et al., CVPR 2024)
     standardize: bool = False
+
+    def setup(self, student: Outputs, teacher: Outputs, ctx: LossContext) -> None:
+        """Build connectors, heads, centres or memory banks from the shapes of one probe batch's outputs.
+        Called once before the optimizer is created, so what is built here is trained. Default: nothing."""
 
     def per_sample(self, student: Outputs, teacher: Outputs, labels: Optional[Tensor], epoch: Optional[float]) -> Tensor:
         raise NotImplementedError

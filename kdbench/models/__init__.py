@@ -8,6 +8,7 @@ import timm
 import torch
 
 from kdbench.errors import KdbenchError
+from kdbench.outputs import Outputs
 
 
 @lru_cache(maxsize=1)
@@ -33,3 +34,17 @@ def create_model(name: str, num_classes: int, in_chans: int, kwargs: dict | None
 
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def forward_outputs(model: torch.nn.Module, x: torch.Tensor, features: bool = False,
+                    embedding: bool = False) -> Outputs:
+    """Logits, and when asked the stage feature maps (``forward_intermediates``, every stage, shallow to deep)
+    and the pooled pre-logits embedding, from one forward pass."""
+    if not (features or embedding):
+        return Outputs(logits=model(x))
+    final, feats = model.forward_intermediates(x)
+    return Outputs(
+        logits=model.forward_head(final),
+        features=list(feats) if features else None,
+        embedding=model.forward_head(final, pre_logits=True) if embedding else None,
+    )
