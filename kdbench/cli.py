@@ -68,7 +68,8 @@ def _cmd_losses(args) -> int:
         "needs": [", ".join(c.needs) for c in cards],
         "paper": [f"{c.paper.venue} {c.paper.year}" + (f" arXiv:{c.paper.arxiv}" if c.paper.arxiv else "")
                   if c.paper else "–" for c in cards],
-        "defaults": [", ".join(f"{k}={v}" for k, v in c.default_values().items()) for c in cards],
+        "defaults": [", ".join(f"{k}={v}" for k, v in {**c.defaults, "alpha": c.alpha, "weight": c.weight}.items())
+                     for c in cards],
         "search": [", ".join(f"{k} {v.describe()}" for k, v in c.search.items()) for c in cards],
     })
     print(table.to_markdown(index=False))

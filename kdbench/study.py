@@ -24,6 +24,7 @@ from kdbench.config import StudyConfig
 from kdbench.data import DataBundle, load_data
 from kdbench.errors import KdbenchError
 from kdbench.losses import create_loss, get_loss_class
+from kdbench.losses.weighting import KDWeighting
 from kdbench.models import create_model
 from kdbench.teacher import default_cache_dir, get_teacher
 from kdbench.train import (
@@ -231,8 +232,11 @@ class StudyRunner:
         student = create_model(cfg.student.model, data.num_classes, data.in_chans, cfg.student.kwargs)
         objective = None
         if entry is not None:
-            own, alpha, weight = split_values(values)
-            objective = DistillObjective(create_loss(entry.name, **own), provider, alpha, weight)  # TODO weighting
+            own, mix = split_values(values, entry.name)
+            weighting = KDWeighting(mode=mix["weighting"], threshold=float(mix["threshold"]),
+                                    ramp_start=float(mix["ramp_start"]), ramp_epochs=float(mix["ramp_epochs"]))
+            objective = DistillObjective(create_loss(entry.name, **own), provider, float(mix["alpha"]),
+                                         float(mix["weight"]), weighting)
         self.progress.start(desc, cfg.train.epochs)
         result = fit(student, data.student_train, data.val, cfg.train, device=self.device,
                      precision=cfg.train.precision, seed=seed, objective=objective,

@@ -13,7 +13,8 @@ from kdbench.data import DATASETS
 from kdbench.errors import KdbenchError
 from kdbench.losses import create_loss, get_loss_class, load_card, loss_parameters
 from kdbench.losses.base import unknown_loss_message
-from kdbench.losses.cards import MIX_PARAMS
+from kdbench.losses.cards import MIX_PARAMS, knob_name
+from kdbench.losses.weighting import check_weighting
 from kdbench.models import check_model_name
 from kdbench.space import SearchParam
 
@@ -37,10 +38,17 @@ class ResolvedEntry:
         return {k: self.defaults[k] for k in self.space if k in self.defaults}
 
 
-def split_values(values: dict[str, Any]) -> tuple[dict[str, Any], float, float]:
-    """(own loss params, alpha, weight) from a full set of knob values."""
-    own = {k: v for k, v in values.items() if k not in MIX_PARAMS}
-    return own, float(values["alpha"]), float(values["weight"])
+def split_values(values: dict[str, Any], loss: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the loss's own constructor params, the study-level knobs) from a full set of knob values."""
+    prefix = f"{loss}."
+    own = {k.removeprefix(prefix): v for k, v in values.items() if k not in MIX_PARAMS}
+    return own, {k: v for k, v in values.items() if k in MIX_PARAMS}
+
+
+def _canonical(loss: str, key: str, own: set[str]) -> str:
+    """``kd.temperature`` → ``temperature``; ``dkd.alpha`` stays (it collides with the study-level alpha)."""
+    bare = key.removeprefix(f"{loss}.")
+    return knob_name(loss, bare) if bare != key and bare in own else key
 
 
 def resolve_entry(entry: LossEntry, where: str) -> ResolvedEntry:
@@ -49,32 +57,41 @@ def resolve_entry(entry: LossEntry, where: str) -> ResolvedEntry:
     except KdbenchError:
         raise KdbenchError(f"{where}.name: {unknown_loss_message(entry.name)}") from None
     card = load_card(entry.name)
-    known = set(loss_parameters(entry.name)) | set(MIX_PARAMS)
-    for field, names in (("params", entry.params), ("search", entry.search)):
+    own = set(loss_parameters(entry.name))
+    known = {knob_name(entry.name, p) for p in own} | set(MIX_PARAMS)
+    fixed = {_canonical(entry.name, k, own): v for k, v in entry.params.items()}
+    search = {_canonical(entry.name, k, own): v for k, v in entry.search.items()}
+    for field, names in (("params", fixed), ("search", search)):
         bad = sorted(set(names) - known)
         if bad:
-            raise KdbenchError(f"{where}.{field}: loss {entry.name!r} has no parameter {bad[0]!r}; it has {sorted(known)}")
-    space = dict(card.search)
-    for k, spec in entry.search.items():
+            raise KdbenchError(f"{where}.{field}: loss {entry.name!r} has no parameter {bad[0]!r}; "
+                               f"it has {sorted(known)}")
+    space = {k: v for k, v in card.search.items()}
+    for k, spec in search.items():
         if spec is None:
             space.pop(k, None)
         else:
             space[k] = spec
-    for k in entry.params:
+    for k in fixed:
         space.pop(k, None)  # fixed wins over searched
     defaults = card.default_values()
     for k, spec in space.items():
         if k == "alpha" and spec.type != "categorical" and (spec.low < 0 or spec.high > 1):
             raise KdbenchError(f"{where}.search.alpha: must lie within [0, 1], got {spec.describe()}")
-    alpha = entry.params.get("alpha", defaults["alpha"])
+    alpha = fixed.get("alpha", defaults["alpha"])
     if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise KdbenchError(f"{where}.params.alpha: must be a number in [0, 1], got {alpha!r}")
-    resolved = ResolvedEntry(key=entry.key, name=entry.name, fixed=dict(entry.params), space=space, defaults=defaults)
-    own, _, _ = split_values(resolved.values({}))
+    resolved = ResolvedEntry(key=entry.key, name=entry.name, fixed=fixed, space=space, defaults=defaults)
+    own_values, mix = split_values(resolved.values({}), entry.name)
     try:  # build once with the defaults: catches bad fixed values now rather than mid-sweep
-        create_loss(entry.name, **own)
+        create_loss(entry.name, **own_values)
+        check_weighting(mix["weighting"], mix["threshold"])
     except (KdbenchError, TypeError, ValueError) as e:
         raise KdbenchError(f"{where}.params: {e}") from None
+    cls = get_loss_class(entry.name)
+    weighted = mix["weighting"] != "none" or "weighting" in space or mix["ramp_epochs"] or mix["ramp_start"]
+    if weighted and not cls.has_per_sample:
+        raise KdbenchError(f"{where}: loss {entry.name!r} has no per-sample values, so it cannot be weighted")
     return resolved
 
 

@@ -121,3 +121,24 @@ def test_shipped_studies_validate():
         cfg = load_study(path)
         check_study(cfg, str(path))
         assert yaml.safe_load(path.read_text())["name"] == cfg.name
+
+
+def test_colliding_own_parameter_is_namespaced():
+    d = with_("losses", [{"name": "dkd", "params": {"dkd.alpha": 2.0, "alpha": 0.7},
+                          "search": {"dkd.beta": {"low": 1, "high": 4}}}])
+    (e,) = check_study(parse_study(d))
+    from kdbench.validate import split_values
+
+    own, mix = split_values(e.values({"beta": 3.0}), "dkd")
+    assert own["alpha"] == 2.0 and own["beta"] == 3.0 and own["temperature"] == 4.0
+    assert mix["alpha"] == 0.7 and mix["weighting"] == "none"
+    assert set(e.space) == {"temperature", "beta"}  # dkd.beta → beta; the fixed mix alpha is not searched
+
+
+def test_weighting_knobs_validated():
+    d = with_("losses", [{"name": "kd", "params": {"weighting": "sometimes"}}])
+    with pytest.raises(KdbenchError, match=r"weighting must be one of none, pmax, threshold"):
+        check_study(parse_study(d))
+    d = with_("losses", [{"name": "dist", "params": {"weighting": "pmax"}}])
+    with pytest.raises(KdbenchError, match=r"'dist' has no per-sample values, so it cannot be weighted"):
+        check_study(parse_study(d))

@@ -39,14 +39,16 @@ def test_duplicate_registration_is_refused():
 
 def test_cards_match_classes_one_to_one():
     from kdbench.losses import card_names
+    from kdbench.losses.cards import MIX_PARAMS, knob_name
 
     assert card_names() == list_losses()
     for name in list_losses():
         card = load_card(name)
         params = loss_parameters(name)
         assert set(card.defaults) <= set(params), name
+        knobs = {knob_name(name, p) for p in params} | set(MIX_PARAMS)
         for k, spec in card.search.items():
-            assert k in params or k in ("alpha", "weight"), (name, k)
+            assert k in knobs, (name, k)
             default = card.default_values().get(k)
             assert default is None or spec.contains(default), (name, k, default)
 

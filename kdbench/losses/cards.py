@@ -17,8 +17,16 @@ from pydantic import Field, ValidationError
 from kdbench.errors import KdbenchError
 from kdbench.space import SearchParam, StrictModel
 
-#: study-level knobs every entry has besides its own parameters
-MIX_PARAMS = ("alpha", "weight")
+#: study-level knobs every entry has besides its own parameters: the CE/KD mix, a multiplier on the loss, and
+#: the per-sample weighting (kdbench.losses.weighting). A loss's own parameter with one of these names (DKD's and
+#: USKD's ``alpha``) is addressed as ``<loss>.<param>`` in studies and search spaces; any own parameter may be.
+MIX_PARAMS = ("alpha", "weight", "weighting", "threshold", "ramp_start", "ramp_epochs")
+MIX_DEFAULTS = {"weighting": "none", "threshold": 0.95, "ramp_start": 0.0, "ramp_epochs": 0.0}
+
+
+def knob_name(loss: str, param: str) -> str:
+    """The study-level name of a loss's own parameter: plain, unless it collides with a study-level knob."""
+    return f"{loss}.{param}" if param in MIX_PARAMS else param
 NEEDS = ("logits", "features", "embedding", "labels", "indices", "views")
 
 
@@ -40,12 +48,16 @@ class LossCard(StrictModel):
     defaults: dict[str, Any] = {}
     alpha: float = Field(0.9, ge=0.0, le=1.0)
     weight: float = Field(1.0, gt=0.0)
+    #: which feature stages / embeddings it reads, in words (for feature losses)
+    stages: Optional[str] = None
     search: dict[str, SearchParam] = {}
     notes: str = ""
 
     def default_values(self) -> dict[str, Any]:
-        """The paper defaults of every knob: own parameters plus alpha and weight."""
-        return {**self.defaults, "alpha": self.alpha, "weight": self.weight}
+        """The paper defaults of every knob: own parameters (namespaced where they collide with a study-level
+        knob) plus alpha, weight and the weighting defaults."""
+        own = {knob_name(self.name, k): v for k, v in self.defaults.items()}
+        return {**own, **MIX_DEFAULTS, "alpha": self.alpha, "weight": self.weight}
 
 
 def registry_dir() -> Path:
