@@ -104,20 +104,53 @@ class StudentConfig(ModelSpec):
     pass
 
 
-class LossEntry(StrictModel):
-    """One swept loss: a registry name, fixed parameters, and overrides of the card's search space."""
+class LossPart(StrictModel):
+    """One part of a combined loss: ``weight · loss`` with its own fixed parameters."""
 
     name: str
-    #: fixed values of the loss's own parameters (and of alpha/weight); fixed parameters are not searched
+    label: Optional[str] = Field(None, pattern=NAME_PATTERN)
+    weight: float = Field(1.0, ge=0.0)
+    params: dict[str, Any] = {}
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name.replace(":", "_").replace(".", "_")
+
+
+class LossEntry(StrictModel):
+    """One swept loss: a registry name (or ``a+b``, or parts with weights, or a user's ``module:attr``), fixed
+    parameters, and overrides of the card's search space."""
+
+    name: Optional[str] = None
+    #: a combination: parts with weights and their own parameters (instead of ``name: a+b``)
+    parts: list[LossPart] = []
+    #: fixed values of the loss's own parameters (and of alpha/weight/weighting ...); fixed ones are not searched
     params: dict[str, Any] = {}
     #: search-space overrides or additions; ``null`` removes a parameter from the card's search space
     search: dict[str, Optional[SearchParam]] = {}
     #: label used for this entry's Optuna study and leaderboard row (default: the name)
     label: Optional[str] = Field(None, pattern=NAME_PATTERN)
 
+    #: per-class multipliers of the KD term's per-sample weights (length = number of classes)
+    class_weights: Optional[list[float]] = None
+    #: distil only on samples of these classes (by the student's label): a domain mask
+    kd_classes: Optional[list[int]] = None
+
+    @model_validator(mode="after")
+    def _name_or_parts(self) -> "LossEntry":
+        if bool(self.name) == bool(self.parts):
+            raise ValueError("give either 'name' or 'parts'")
+        if self.name and "+" in self.name:
+            self.parts = [LossPart(name=n.strip()) for n in self.name.split("+")]
+        keys = [p.key for p in self.parts]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ValueError(f"part {dup[0]!r} appears twice; give each a distinct 'label'")
+        return self
+
     @property
     def key(self) -> str:
-        return self.label or self.name
+        return self.label or self.name or "+".join(p.key for p in self.parts)
 
 
 class SweepConfig(StrictModel):

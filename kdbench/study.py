@@ -23,8 +23,6 @@ from kdbench import tracking as tk
 from kdbench.config import StudyConfig
 from kdbench.data import DataBundle, load_data
 from kdbench.errors import KdbenchError
-from kdbench.losses import create_loss, get_loss_class
-from kdbench.losses.weighting import KDWeighting
 from kdbench.models import create_model
 from kdbench.teacher import default_cache_dir, get_teacher
 from kdbench.train import (
@@ -36,7 +34,7 @@ from kdbench.train import (
     fit,
     resolve_device,
 )
-from kdbench.validate import ResolvedEntry, split_values
+from kdbench.validate import ResolvedEntry
 
 BASELINE = "ce"  # the leaderboard key of the CE-only student
 
@@ -195,10 +193,8 @@ class StudyRunner:
         self.tracker.log_artifact(self.parent, snapshot)
 
     def _teacher_needs(self) -> frozenset:
-        needs = set()
-        for e in self.entries:
-            needs |= get_loss_class(e.name).needs
-        return frozenset(needs & {"features", "embedding"})
+        needs = frozenset().union(*(e.needs for e in self.entries))
+        return needs & {"features", "embedding"}
 
     def _teacher(self, data: DataBundle):
         cfg = self.cfg
@@ -232,11 +228,9 @@ class StudyRunner:
         student = create_model(cfg.student.model, data.num_classes, data.in_chans, cfg.student.kwargs)
         objective = None
         if entry is not None:
-            own, mix = split_values(values, entry.name)
-            weighting = KDWeighting(mode=mix["weighting"], threshold=float(mix["threshold"]),
-                                    ramp_start=float(mix["ramp_start"]), ramp_epochs=float(mix["ramp_epochs"]))
-            objective = DistillObjective(create_loss(entry.name, **own), provider, float(mix["alpha"]),
-                                         float(mix["weight"]), weighting)
+            loss, mix = entry.build(values)
+            weighting = entry.weighting(mix, data.num_classes, data.student_train.y)
+            objective = DistillObjective(loss, provider, float(mix["alpha"]), float(mix["weight"]), weighting)
         self.progress.start(desc, cfg.train.epochs)
         result = fit(student, data.student_train, data.val, cfg.train, device=self.device,
                      precision=cfg.train.precision, seed=seed, objective=objective,

@@ -70,7 +70,7 @@ def test_missing_required_fields():
     "path,value,pattern",
     [
         ("losses", ["kdd"], r"losses\[0\]\.name: unknown loss 'kdd'; did you mean 'kd'"),
-        ("losses", [{"name": "kd", "params": {"temp": 2}}], r"losses\[0\]\.params: loss 'kd' has no parameter 'temp'"),
+        ("losses", [{"name": "kd", "params": {"temp": 2}}], r"losses\[0\]\.params: 'kd' has no parameter 'temp'"),
         ("losses", [{"name": "kd", "params": {"temperature": -2}}], r"losses\[0\]\.params: temperature must be > 0"),
         ("losses", [{"name": "kd", "search": {"alpha": {"low": 0.5, "high": 2}}}],
          r"losses\[0\]\.search\.alpha: must lie within \[0, 1\]"),

@@ -1,0 +1,97 @@
+"""Attention transfer (Zagoruyko & Komodakis, ICLR 2017; LOSSES.md §3.2).
+
+a(F) = normalize(vec_HW(mean_c |F_c|^p)), p = 2; per stage mean_HW (a(F_s) − a(F_t))², summed over stages (the
+batch mean of the per-sample values is the reference's mean over B×HW). When the spatial sizes differ the larger
+map is adaptive-average-pooled to the smaller first. The channel mean makes it blind to channel counts, so no
+connector is needed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdbench.errors import KdbenchError
+from kdbench.losses.base import DistillLoss, Outputs, register_loss
+
+EPS = 1e-8
+
+
+def attention(f: Tensor, p: float = 2.0) -> Tensor:
+    """(B, C, H, W) → (B, H·W) unit-norm, non-negative spatial attention."""
+    return F.normalize(f.float().abs().pow(p).mean(dim=1).flatten(1), dim=1, eps=EPS)
+
+
+def match_spatial(fs: Tensor, ft: Tensor) -> tuple[Tensor, Tensor]:
+    """Pool whichever map is larger (per spatial dim) down to the smaller size; unchanged when equal."""
+    if fs.shape[-2:] == ft.shape[-2:]:
+        return fs, ft
+    size = (min(fs.shape[-2], ft.shape[-2]), min(fs.shape[-1], ft.shape[-1]))
+    pool = lambda f: f if tuple(f.shape[-2:]) == size else F.adaptive_avg_pool2d(f, size)  # noqa: E731
+    return pool(fs), pool(ft)
+
+
+def check_index_list(name: str, value, allow_none: bool = False) -> Optional[tuple[int, ...]]:
+    """A non-empty list of ints (negative allowed), or None where allowed; KdbenchError naming ``name``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    ok = isinstance(value, (list, tuple)) and len(value) > 0
+    if not ok or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+        raise KdbenchError(f"{name} must be a non-empty list of stage indices (ints), got {value!r}")
+    if len(set(value)) != len(value):
+        raise KdbenchError(f"{name} must not repeat an index, got {value!r}")
+    return tuple(value)
+
+
+def resolve_indices(name: str, what: str, indices: Sequence[int], n_student: int, n_teacher: int) -> list[int]:
+    """Each index must address an entry of both feature lists; returns them non-negative (student numbering)."""
+    for i in indices:
+        if not (-n_student <= i < n_student and -n_teacher <= i < n_teacher):
+            raise ValueError(
+                f"loss {name!r}: {what} index {i} is out of range for {n_student} student and {n_teacher} "
+                "teacher feature maps"
+            )
+    return [i % n_student for i in indices]
+
+
+@register_loss("at")
+class ATLoss(DistillLoss):
+    needs = frozenset({"features"})
+    at_equality = "zero"
+
+    def __init__(self, stages: Optional[list[int]] = None, p: float = 2.0):
+        super().__init__()
+        self.stages = check_index_list("stages", stages, allow_none=True)
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (math.isfinite(p) and p > 0):
+            raise KdbenchError(f"p must be a finite number > 0, got {p!r}")
+        self.p = float(p)
+
+    def _indices(self, student: Outputs, teacher: Outputs) -> list[int]:
+        ns, nt = len(student.features), len(teacher.features)
+        if self.stages is None:
+            if ns != nt:
+                # features[1:] pairs stage k with stage k: only meaningful when both nets have as many stages
+                raise ValueError(f"loss 'at': student has {ns} feature maps, teacher {nt}; set 'stages' explicitly")
+            indices = list(range(1, ns))
+        else:
+            indices = resolve_indices("at", "stages", self.stages, ns, nt)
+        if not indices:
+            raise ValueError("loss 'at': no stages to compare (features[1:] is empty)")
+        return indices
+
+    def setup(self, student: Outputs, teacher: Outputs, ctx) -> None:
+        # nothing to build; fail at the probe batch rather than mid-training when the stages do not fit
+        if student.features is None or teacher.features is None:
+            raise ValueError("loss 'at' needs student and teacher features in setup")
+        self._indices(student, teacher)
+
+    def per_sample(self, student, teacher, labels, epoch):
+        total = 0.0
+        for i in self._indices(student, teacher):
+            fs, ft = match_spatial(student.features[i], teacher.features[i])
+            total = total + (attention(fs, self.p) - attention(ft, self.p)).pow(2).mean(dim=1)
+        return total
