@@ -98,10 +98,17 @@ class TeacherConfig(Recipe, ModelSpec):
     checkpoint: Optional[str] = None
     #: where trained teachers are cached (default $KDBENCH_CACHE_DIR/teachers or ~/.cache/kdbench/teachers)
     cache_dir: Optional[str] = None
+    #: with several teachers: this one's share in the weighted average of their logits
+    weight: PositiveFloat = 1.0
 
 
 class StudentConfig(ModelSpec):
-    pass
+    #: with several students: the name of this one's Optuna studies and leaderboard section (default: model)
+    label: Optional[str] = Field(None, pattern=NAME_PATTERN)
+
+    @property
+    def key(self) -> str:
+        return self.label or self.model
 
 
 class LossPart(StrictModel):
@@ -192,14 +199,41 @@ class StudyConfig(StrictModel):
     name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
     data: DataConfig = DataConfig()
-    teacher: TeacherConfig
-    student: StudentConfig
+    #: one teacher, or several whose logits are fused by weighted averaging
+    teacher: Union[TeacherConfig, list[TeacherConfig]]
+    #: one student, or several distilled from the same teacher(s) in one study
+    student: Union[StudentConfig, list[StudentConfig]]
     train: TrainConfig = TrainConfig()
     losses: list[LossEntry] = Field(min_length=1)
     sweep: SweepConfig = SweepConfig()
     confirm: ConfirmConfig = ConfirmConfig()
     tracking: TrackingConfig = TrackingConfig()
     storage: Optional[str] = None  # Optuna storage URL; default sqlite:///<out>/optuna.db
+
+    @property
+    def teachers(self) -> list[TeacherConfig]:
+        return self.teacher if isinstance(self.teacher, list) else [self.teacher]
+
+    @property
+    def students(self) -> list[StudentConfig]:
+        return self.student if isinstance(self.student, list) else [self.student]
+
+    @field_validator("teacher", "student")
+    @classmethod
+    def _non_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("give at least one model")
+        return v
+
+    @field_validator("student")
+    @classmethod
+    def _distinct_students(cls, v):
+        if isinstance(v, list):
+            keys = [s.key for s in v]
+            dup = sorted({k for k in keys if keys.count(k) > 1})
+            if dup:
+                raise ValueError(f"student {dup[0]!r} appears twice; give each a distinct 'label'")
+        return v
 
     @field_validator("losses", mode="before")
     @classmethod
@@ -225,16 +259,27 @@ class StudyConfig(StrictModel):
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _branch(seg) -> bool:
+    """A union branch tag in an error location ('TeacherConfig', 'list[function-after[...]]'); field names are
+    lowercase identifiers."""
+    return isinstance(seg, str) and (seg[:1].isupper() or "[" in seg)
+
+
 def _format_error(source: str, err: ValidationError) -> str:
-    e = err.errors()[0]
-    loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in e["loc"]).replace(".[", "[")
+    errors = err.errors()
+    # for 'one or a list' fields, drop the branch that only says "this is not my type"
+    wrong_type = ("model_type", "list_type", "dict_type", "model_attributes_type")
+    errors = [e for e in errors if not (any(map(_branch, e["loc"])) and e["type"] in wrong_type)] or errors
+    e = errors[0]
+    loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in e["loc"] if not _branch(p))
+    loc = loc.replace(".[", "[")
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
         msg = "unknown field"
     elif e["type"] == "missing":
         msg = "missing required field"
     got = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})"
-    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    more = f" [+{len(errors) - 1} more]" if len(errors) > 1 else ""
     where = f"{loc}: " if loc else ""
     return f"{source}: {where}{msg}{got}{more}"
 

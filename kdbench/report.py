@@ -30,6 +30,8 @@ def runs_frame(tracker: tk.Tracker, parent_id: str) -> pd.DataFrame:
             "role": t.get(tk.ROLE),
             "loss": t.get(tk.LOSS),
             "loss_name": t.get(tk.LOSS_NAME),
+            "student": t.get(tk.STUDENT),
+            "teacher_index": int(t.get("kdbench.teacher_index", 0)),
             "seed": int(t[tk.SEED]) if tk.SEED in t else None,
             "trial": int(t[tk.TRIAL]) if tk.TRIAL in t else None,
             "status": r.info.status,
@@ -39,7 +41,7 @@ def runs_frame(tracker: tk.Tracker, parent_id: str) -> pd.DataFrame:
             "seconds": m.get("train_seconds"),
             "params": {k: v for k, v in r.data.params.items() if k not in NOT_PARAMS},
         })
-    cols = ["run_id", "role", "loss", "loss_name", "seed", "trial", "status", "state", "val_acc", "test_acc",
+    cols = ["run_id", "role", "loss", "loss_name", "student", "teacher_index", "seed", "trial", "status", "state", "val_acc", "test_acc",
             "seconds", "params"]
     return pd.DataFrame(rows, columns=cols)
 
@@ -82,8 +84,11 @@ def _params_text(params: dict) -> str:
     return ", ".join(shown)
 
 
-def leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per loss entry plus the CE-only student, ranked by mean test accuracy over the confirm seeds."""
+def leaderboard(runs: pd.DataFrame, student: Optional[str] = None) -> pd.DataFrame:
+    """One row per loss entry plus the CE-only student, ranked by mean test accuracy over the confirm seeds
+    (of one student, when the study has several)."""
+    if student is not None:
+        runs = runs[runs.student == student]
     confirm = runs[(runs.role == "confirm") & (runs.status == "FINISHED") & runs.test_acc.notna()]
     trials = runs[runs.role == "trial"]
     base = confirm[confirm.loss == BASELINE].set_index("seed").test_acc
@@ -151,7 +156,8 @@ def render(board: pd.DataFrame, runs: pd.DataFrame, parent_tags: dict, parent_pa
         f"train/val/test {p.get('data.splits.train')}/{p.get('data.splits.val')}/{p.get('data.splits.test')} "
         f"(seed {p.get('data.seed')}); the student sees {_share(p.get('data.student_fraction'))} of the training labels, "
         f"{_share(p.get('data.student_label_noise'))} of them flipped.",
-        f"- **Teacher → student**: {p.get('teacher.model')} → {p.get('student.model')}, "
+        f"- **Teacher → student**: {parent_tags.get('kdbench.teachers', '?')} → "
+        f"{parent_tags.get('kdbench.students', '?')}, "
         f"{p.get('train.epochs')} student epochs ({p.get('train.optimizer')}, lr {p.get('train.lr')}, "
         f"{p.get('train.schedule')}).",
         f"- **Selection**: hyperparameters tuned on **val** ({p.get('sweep.trials')} trials per loss, "
@@ -165,6 +171,25 @@ def render(board: pd.DataFrame, runs: pd.DataFrame, parent_tags: dict, parent_pa
         f"teacher outputs {parent_tags.get('kdbench.teacher_outputs', '?')}.",
         "",
     ]
+    students = [x.strip() for x in parent_tags.get("kdbench.students", "").split(",") if x.strip()]
+    boards = {st: leaderboard(runs, st) for st in students} if len(students) > 1 else {None: board}
+    for st, b in boards.items():
+        if st is not None:
+            lines += ["", f"## Student `{st}`", ""]
+        lines.append(_table(b, teacher).to_markdown(index=False, disable_numparse=True))
+    board = pd.concat(boards.values(), ignore_index=True)
+    missing = board[board.seeds < _n_seeds(seeds)]
+    unfinished = runs[runs.status.isin(["RUNNING", "FAILED", "KILLED"])]
+    if len(missing) or len(unfinished) or parent_tags.get("_status") != "FINISHED":
+        lines += ["", "**Incomplete**: " + "; ".join(filter(None, [
+            f"study run status {parent_tags.get('_status')}" if parent_tags.get("_status") != "FINISHED" else "",
+            ", ".join(f"`{k}` has {n} of the confirm seeds" for k, n in zip(missing.loss, missing.seeds)),
+            f"{len(unfinished)} run(s) not finished" if len(unfinished) else "",
+        ])) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _table(board: pd.DataFrame, teacher: pd.DataFrame) -> pd.DataFrame:
     table = pd.DataFrame({
         "rank": board["rank"],
         "loss": [f"`{k}`" if k == r else f"`{k}` ({r})" for k, r in zip(board.loss, board.registry)],
@@ -177,22 +202,11 @@ def render(board: pd.DataFrame, runs: pd.DataFrame, parent_tags: dict, parent_pa
                                     for k, c, pr, f in zip(board.loss, board.complete, board.pruned, board.failed)],
         "best params": board.best_params,
     })
-    if len(teacher):
-        tr = teacher.iloc[0]
-        row = {"rank": "–", "loss": f"teacher `{p.get('teacher.model')}`", "test acc": _pct(tr.test_acc),
-               "95% CI": "–", "Δ vs CE": "–", "seeds": 1, "trials ok/pruned/failed": "–",
-               "best params": tr.params.get("source", "")}
-        table = pd.concat([pd.DataFrame([row]), table], ignore_index=True)
-    lines.append(table.to_markdown(index=False, disable_numparse=True))
-    missing = board[board.seeds < _n_seeds(seeds)]
-    unfinished = runs[runs.status.isin(["RUNNING", "FAILED", "KILLED"])]
-    if len(missing) or len(unfinished) or parent_tags.get("_status") != "FINISHED":
-        lines += ["", "**Incomplete**: " + "; ".join(filter(None, [
-            f"study run status {parent_tags.get('_status')}" if parent_tags.get("_status") != "FINISHED" else "",
-            ", ".join(f"`{k}` has {n} of the confirm seeds" for k, n in zip(missing.loss, missing.seeds)),
-            f"{len(unfinished)} run(s) not finished" if len(unfinished) else "",
-        ])) + "."]
-    return "\n".join(lines) + "\n"
+    rows = [{"rank": "–", "loss": f"teacher `{tr.params.get('model', '?')}`", "test acc": _pct(tr.test_acc),
+             "95% CI": "–", "Δ vs CE": "–", "seeds": 1, "trials ok/pruned/failed": "–",
+             "best params": tr.params.get("source", "")}
+            for tr in teacher.sort_values("teacher_index").itertuples()]
+    return pd.concat([pd.DataFrame(rows, columns=table.columns), table], ignore_index=True) if rows else table
 
 
 def find_study_run(tracker: tk.Tracker, study: Optional[str] = None):

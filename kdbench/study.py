@@ -24,7 +24,7 @@ from kdbench.config import StudyConfig
 from kdbench.data import DataBundle, load_data
 from kdbench.errors import KdbenchError
 from kdbench.models import create_model
-from kdbench.teacher import default_cache_dir, get_teacher
+from kdbench.teacher import TeacherInfo, default_cache_dir, get_teacher
 from kdbench.train import (
     DistillObjective,
     EpochStats,
@@ -55,7 +55,7 @@ class StudyPaths:
             report_dir=Path(report_dir or Path("reports") / cfg.name),
             tracking_uri=tracking_uri or cfg.tracking.uri or f"sqlite:///{(out / 'mlflow.db').resolve()}",
             storage=storage or cfg.storage or f"sqlite:///{(out / 'optuna.db').resolve()}",
-            cache_dir=Path(cfg.teacher.cache_dir) if cfg.teacher.cache_dir else default_cache_dir(),
+            cache_dir=default_cache_dir(),
         )
 
 
@@ -68,8 +68,9 @@ class StudySummary:
     teacher_source: str
 
 
-def optuna_study_name(cfg: StudyConfig, key: str) -> str:
-    return f"{cfg.name}.{key}"
+def optuna_study_name(cfg: StudyConfig, key: str, student: str = "") -> str:
+    """``<study>.<loss>``, or ``<study>.<student>.<loss>`` when the study has several students."""
+    return f"{cfg.name}.{student}.{key}" if len(cfg.students) > 1 else f"{cfg.name}.{key}"
 
 
 def git_commit() -> str:
@@ -118,10 +119,12 @@ class StudyRunner:
         self.cfg, self.entries, self.paths, self.quiet = cfg, entries, paths, quiet
         self.experiment = cfg.tracking.experiment or cfg.name
         seeds = cfg.confirm.seed_list
-        total = 2 + cfg.sweep.trials * len(entries) + (1 + len(entries)) * len(seeds)
+        per_student = 1 + cfg.sweep.trials * len(entries) + (1 + len(entries)) * len(seeds)
+        total = len(cfg.teachers) + per_student * len(cfg.students)
         self.device = resolve_device(cfg.train.device)  # before anything is written
         self.progress = Progress(total, quiet)
         self.tracker: Optional[tk.Tracker] = None
+        self.provider: Optional[TeacherProvider] = None
         self.parent = ""
 
     # -- MLflow helpers ---------------------------------------------------------------------------------------
@@ -183,6 +186,8 @@ class StudyRunner:
             tk.CONFIG_HASH: fingerprint, "kdbench.version": kdbench.__version__, "kdbench.commit": git_commit(),
             "kdbench.torch": torch.__version__, "kdbench.device": str(self.device),
             "kdbench.optuna_storage": tk.mask_secrets(self.paths.storage),
+            "kdbench.teachers": " + ".join(t.model for t in cfg.teachers),
+            "kdbench.students": ", ".join(st.key for st in cfg.students),
             "mlflow.note.content": cfg.description or f"kdbench study {cfg.name}"})
         params = {k: tk.mask_secrets(v) if isinstance(v, str) else v
                   for k, v in tk.flatten(cfg.model_dump(mode="json", exclude={"losses"})).items()}
@@ -196,41 +201,53 @@ class StudyRunner:
         needs = frozenset().union(*(e.needs for e in self.entries))
         return needs & {"features", "embedding"}
 
-    def _teacher(self, data: DataBundle):
+    def _teachers(self, data: DataBundle) -> list[TeacherInfo]:
+        """Load, reuse or train every teacher; one MLflow run each (once per study)."""
+        models, infos = [], []
+        for i, t in enumerate(self.cfg.teachers):
+            model, info = self._teacher(i, t, data)
+            models.append(model)
+            infos.append(info)
+        self.provider = TeacherProvider(models, [t.weight for t in self.cfg.teachers], self.cfg.train.precision)
+        return infos
+
+    def _teacher(self, index: int, t, data: DataBundle):
         cfg = self.cfg
-        done = self._finished(role="teacher")
-        self.progress.start(f"teacher {cfg.teacher.model}", cfg.teacher.epochs)
-        if done:
-            model, info = get_teacher(cfg, data, self.device, cfg.train.precision, self.paths.cache_dir)
-            self.progress.done(f"teacher {cfg.teacher.model}: {info.source}, test_acc {info.test_acc:.4f}")
+        name = f"teacher {t.model}" + (f" #{index}" if len(cfg.teachers) > 1 else "")
+        cache = Path(t.cache_dir) if t.cache_dir else self.paths.cache_dir
+        get = lambda **kw: get_teacher(t, data, self.device, cfg.train.precision, cache, cfg.data.augment, **kw)  # noqa: E731
+        self.progress.start(name, t.epochs)
+        if self._finished(role="teacher", **{"kdbench.teacher_index": index}):
+            model, info = get()
+            self.progress.done(f"{name}: {info.source}, test_acc {info.test_acc:.4f}")
             return model, info
-        with self._child(f"teacher {cfg.teacher.model}", self._tags("teacher", **{tk.LOSS: "teacher"})) as run_id:
-            model, info = get_teacher(cfg, data, self.device, cfg.train.precision, self.paths.cache_dir,
-                                      on_epoch=self._epoch_logger(run_id), progress=self.progress.epoch)
-            if info.source != "trained":  # its epochs were logged when it was trained; record the summary
+        tags = self._tags("teacher", **{tk.LOSS: "teacher", "kdbench.teacher_index": index})
+        with self._child(name, tags) as run_id:
+            model, info = get(on_epoch=self._epoch_logger(run_id), progress=self.progress.epoch)
+            if info.source != "trained":  # its epochs were logged when it was trained; record them here too
                 for h in info.history:
                     self.tracker.log_metrics(run_id, {k: v for k, v in h.items() if k != "epoch"}, step=h["epoch"])
-            self.tracker.log_params(run_id, {"model": cfg.teacher.model, "kwargs": cfg.teacher.kwargs,
-                                             "n_params": info.n_params, "source": info.source})
+            self.tracker.log_params(run_id, {"model": t.model, "kwargs": t.kwargs, "n_params": info.n_params,
+                                             "source": info.source, "fusion_weight": t.weight})
             self.tracker.set_tags(run_id, {"kdbench.teacher_source": info.source, "kdbench.teacher_key": info.key,
                                            "kdbench.checkpoint": info.path})
             self.tracker.log_metrics(run_id, {"selected_val_acc": info.val_acc, "selected_test_acc": info.test_acc,
                                               "train_seconds": info.seconds})
-        self.progress.done(f"teacher {cfg.teacher.model}: {info.source} ({info.path}), val_acc {info.val_acc:.4f}, "
+        self.progress.done(f"{name}: {info.source} ({info.path}), val_acc {info.val_acc:.4f}, "
                            f"test_acc {info.test_acc:.4f}")
         return model, info
 
-    def _train_student(self, data: DataBundle, provider: TeacherProvider, entry: Optional[ResolvedEntry],
-                       values: Optional[dict], seed: int, run_id: str, desc: str,
-                       trial: Optional[optuna.Trial] = None, eval_test: bool = False) -> FitResult:
+    def _train_student(self, data: DataBundle, st, entry: Optional[ResolvedEntry], values: Optional[dict],
+                       seed: int, run_id: str, desc: str, trial: Optional[optuna.Trial] = None,
+                       eval_test: bool = False) -> FitResult:
         cfg = self.cfg
         torch.manual_seed(seed)
-        student = create_model(cfg.student.model, data.num_classes, data.in_chans, cfg.student.kwargs)
+        student = create_model(st.model, data.num_classes, data.in_chans, st.kwargs)
         objective = None
         if entry is not None:
             loss, mix = entry.build(values)
             weighting = entry.weighting(mix, data.num_classes, data.student_train.y)
-            objective = DistillObjective(loss, provider, float(mix["alpha"]), float(mix["weight"]), weighting)
+            objective = DistillObjective(loss, self.provider, float(mix["alpha"]), float(mix["weight"]), weighting)
         self.progress.start(desc, cfg.train.epochs)
         result = fit(student, data.student_train, data.val, cfg.train, device=self.device,
                      precision=cfg.train.precision, seed=seed, objective=objective,
@@ -245,14 +262,19 @@ class StudyRunner:
         self.tracker.log_metrics(run_id, summary)
         return result
 
-    def _baseline(self, data: DataBundle, provider: TeacherProvider) -> None:
-        if self._finished(role="baseline"):
+    def _who(self, st) -> str:
+        return f"[{st.key}] " if len(self.cfg.students) > 1 else ""
+
+    def _baseline(self, data: DataBundle, st) -> None:
+        if self._finished(role="baseline", student=st.key):
             return
         seed = self.cfg.sweep.seed
-        tags = self._tags("baseline", **{tk.LOSS: BASELINE, tk.SEED: seed})
-        with self._child("baseline ce", tags, params={"loss": BASELINE, "seed": seed, "alpha": 0.0}) as run_id:
-            result = self._train_student(data, provider, None, None, seed, run_id, "baseline ce")
-        self.progress.done(f"baseline ce: val_acc {result.selected(self.cfg.sweep.select).val_acc:.4f}")
+        tags = self._tags("baseline", **{tk.LOSS: BASELINE, tk.SEED: seed, tk.STUDENT: st.key})
+        desc = f"{self._who(st)}baseline ce"
+        with self._child(desc, tags, params={"loss": BASELINE, "seed": seed, "alpha": 0.0,
+                                             "student": st.model}) as run_id:
+            result = self._train_student(data, st, None, None, seed, run_id, desc)
+        self.progress.done(f"{desc}: val_acc {result.selected(self.cfg.sweep.select).val_acc:.4f}")
 
     def _sampler(self) -> optuna.samplers.BaseSampler:
         s = self.cfg.sweep
@@ -268,14 +290,14 @@ class StudyRunner:
         return optuna.pruners.MedianPruner(n_startup_trials=s.pruner_startup_trials,
                                            n_warmup_steps=s.pruner_warmup_epochs)
 
-    def _load_optuna(self, entry: ResolvedEntry) -> optuna.Study:
-        return optuna.create_study(study_name=optuna_study_name(self.cfg, entry.key), storage=self.paths.storage,
+    def _load_optuna(self, entry: ResolvedEntry, st) -> optuna.Study:
+        return optuna.create_study(study_name=optuna_study_name(self.cfg, entry.key, st.key), storage=self.paths.storage,
                                    sampler=self._sampler(), pruner=self._pruner(), direction="maximize",
                                    load_if_exists=True)
 
-    def _sweep(self, entry: ResolvedEntry, data: DataBundle, provider: TeacherProvider) -> None:
+    def _sweep(self, entry: ResolvedEntry, data: DataBundle, st) -> None:
         cfg = self.cfg
-        study = self._load_optuna(entry)
+        study = self._load_optuna(entry, st)
         if not study.trials:
             study.enqueue_trial(entry.first_trial(), user_attrs={"kdbench.paper_defaults": True})
         finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -285,12 +307,13 @@ class StudyRunner:
             searched = {k: spec.suggest(trial, k) for k, spec in entry.space.items()}
             values = entry.values(searched)
             tags = self._tags("trial", **{tk.LOSS: entry.key, tk.LOSS_NAME: entry.name, tk.SEED: cfg.sweep.seed,
-                                          tk.OPTUNA_STUDY: study.study_name, tk.TRIAL: trial.number})
-            desc = f"{entry.key} trial {trial.number}"
-            with self._child(desc, tags, params={"loss": entry.name, **values}) as run_id:
+                                          tk.OPTUNA_STUDY: study.study_name, tk.TRIAL: trial.number,
+                                          tk.STUDENT: st.key})
+            desc = f"{self._who(st)}{entry.key} trial {trial.number}"
+            with self._child(desc, tags, params={"loss": entry.name, "student": st.model, **values}) as run_id:
                 trial.set_user_attr("mlflow_run_id", run_id)
                 try:
-                    result = self._train_student(data, provider, entry, values, cfg.sweep.seed, run_id, desc, trial)
+                    result = self._train_student(data, st, entry, values, cfg.sweep.seed, run_id, desc, trial)
                 except NonFiniteLoss as e:
                     trial.set_user_attr("kdbench.reason", str(e))
                     raise optuna.TrialPruned(str(e)) from None
@@ -303,16 +326,16 @@ class StudyRunner:
             value = f"val_acc {trial.value:.4f}" if trial.value is not None else ""
             if trial.state != optuna.trial.TrialState.COMPLETE:
                 value = f"{trial.state.name.lower()} ({trial.user_attrs.get('kdbench.reason', '')}) {value}"
-            self.progress.done(f"{entry.key} trial {trial.number}: {value} {shown}")
+            self.progress.done(f"{self._who(st)}{entry.key} trial {trial.number}: {value} {shown}")
 
         if remaining > 0:
             study.optimize(objective, n_trials=remaining, callbacks=[report])
 
-    def _confirm(self, data: DataBundle, provider: TeacherProvider) -> None:
+    def _confirm(self, data: DataBundle, st) -> None:
         cfg = self.cfg
         plans: list[tuple[str, Optional[ResolvedEntry], Optional[dict]]] = [(BASELINE, None, None)]
         for entry in self.entries:
-            study = self._load_optuna(entry)
+            study = self._load_optuna(entry, st)
             try:
                 best = study.best_trial
             except ValueError:
@@ -321,14 +344,15 @@ class StudyRunner:
             plans.append((entry.key, entry, entry.values(best.params)))
         for key, entry, values in plans:
             for seed in cfg.confirm.seed_list:
-                if self._finished(role="confirm", loss=key, seed=seed):
+                if self._finished(role="confirm", loss=key, seed=seed, student=st.key):
                     continue
                 tags = self._tags("confirm", **{tk.LOSS: key, tk.LOSS_NAME: entry.name if entry else BASELINE,
-                                                tk.SEED: seed})
-                params = {"loss": entry.name if entry else BASELINE, "seed": seed, **(values or {"alpha": 0.0})}
-                desc = f"confirm {key} seed {seed}"
+                                                tk.SEED: seed, tk.STUDENT: st.key})
+                params = {"loss": entry.name if entry else BASELINE, "seed": seed, "student": st.model,
+                          **(values or {"alpha": 0.0})}
+                desc = f"{self._who(st)}confirm {key} seed {seed}"
                 with self._child(desc, tags, params=params) as run_id:
-                    result = self._train_student(data, provider, entry, values, seed, run_id, desc, eval_test=True)
+                    result = self._train_student(data, st, entry, values, seed, run_id, desc, eval_test=True)
                 self.progress.done(f"{desc}: test_acc {result.selected(cfg.sweep.select).test_acc:.4f}")
 
     # -- the whole study ----------------------------------------------------------------------------------------
@@ -343,15 +367,15 @@ class StudyRunner:
         self._open_parent()
         try:
             data = load_data(cfg.data)
-            teacher, info = self._teacher(data)
-            provider = TeacherProvider([teacher], precision=cfg.train.precision)
+            infos = self._teachers(data)
             if not cfg.data.augment:  # inputs are the same every epoch: one teacher pass serves the whole study
-                provider.precompute(data.student_train.x.to(self.device), self._teacher_needs())
-            self.tracker.set_tags(self.parent, {"kdbench.teacher_outputs": provider.mode})
-            self._baseline(data, provider)
-            for entry in self.entries:
-                self._sweep(entry, data, provider)
-            self._confirm(data, provider)
+                self.provider.precompute(data.student_train.x.to(self.device), self._teacher_needs())
+            self.tracker.set_tags(self.parent, {"kdbench.teacher_outputs": self.provider.mode})
+            for st in cfg.students:
+                self._baseline(data, st)
+                for entry in self.entries:
+                    self._sweep(entry, data, st)
+                self._confirm(data, st)
         except KeyboardInterrupt:
             self.tracker.end_run(self.parent, "KILLED")
             raise
@@ -362,7 +386,7 @@ class StudyRunner:
             self.progress.close()
         self.tracker.end_run(self.parent, "FINISHED")
         board = write_leaderboard(self.tracker, self.parent, paths.report_dir)
-        return StudySummary(paths, self.experiment, self.parent, board, info.source)
+        return StudySummary(paths, self.experiment, self.parent, board, ", ".join(i.source for i in infos))
 
 
 def run_study(cfg: StudyConfig, entries: list[ResolvedEntry], out=None, report_dir=None, tracking_uri=None,

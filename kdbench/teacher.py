@@ -40,9 +40,8 @@ def default_cache_dir() -> Path:
     return Path(root) / "teachers"
 
 
-def teacher_key(cfg, data: DataBundle, precision: str, augment: bool) -> str:
+def teacher_key(t, data: DataBundle, precision: str, augment: bool) -> str:
     """Everything that changes the trained weights: model, kwargs, recipe, seed, data, precision, augmentation."""
-    t = cfg.teacher
     spec = {
         "model": t.model,
         "kwargs": t.kwargs,
@@ -78,11 +77,10 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, path)
 
 
-def get_teacher(cfg, data: DataBundle, device: torch.device, precision: str, cache_dir: Path,
+def get_teacher(t, data: DataBundle, device: torch.device, precision: str, cache_dir: Path, augment: bool = False,
                 on_epoch: Optional[Callable[[EpochStats], None]] = None,
                 progress: Optional[Callable[[], None]] = None) -> tuple[torch.nn.Module, TeacherInfo]:
-    t = cfg.teacher
-    augment = cfg.data.augment
+    """The teacher described by ``t`` (a ``TeacherConfig``): from its checkpoint, from the cache, or trained now."""
     torch.manual_seed(t.seed)
     model = create_model(t.model, data.num_classes, data.in_chans, t.kwargs)
     n_params = count_params(model)
@@ -92,7 +90,7 @@ def get_teacher(cfg, data: DataBundle, device: torch.device, precision: str, cac
         val, test = evaluate(model, data.val.to(device), precision)[0], evaluate(model, data.test.to(device), precision)[0]
         return model.eval(), TeacherInfo("checkpoint", str(t.checkpoint), "", val, test, n_params)
 
-    key = teacher_key(cfg, data, precision, augment)
+    key = teacher_key(t, data, precision, augment)
     weights = cache_dir / f"{t.model}-{key}.safetensors"
     meta_path = weights.with_suffix(".json")
     if weights.is_file() and meta_path.is_file():

@@ -17,6 +17,7 @@ from kdbench.errors import KdbenchError
 
 ROLE, STUDY, LOSS, LOSS_NAME, SEED = "kdbench.role", "kdbench.study", "kdbench.loss", "kdbench.loss_name", "kdbench.seed"
 STATE, CONFIG_HASH, OPTUNA_STUDY, TRIAL = "kdbench.trial_state", "kdbench.config_hash", "optuna.study_name", "optuna.trial_number"
+STUDENT = "kdbench.student"
 PARENT = "mlflow.parentRunId"
 
 _PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]+):(?P<pw>[^@/\s]+)@")
@@ -116,7 +117,7 @@ class Tracker:
     def find(self, **tags: Any) -> list:
         """Runs of this experiment whose tags equal the given values (keyword ``role='trial'`` means
         ``kdbench.role``); newest first."""
-        keys = {"role": ROLE, "study": STUDY, "loss": LOSS, "seed": SEED, "parent": PARENT}
+        keys = {"role": ROLE, "study": STUDY, "loss": LOSS, "seed": SEED, "parent": PARENT, "student": STUDENT}
         clauses = [f"tags.`{keys.get(k, k)}` = '{v}'" for k, v in tags.items()]
         runs, token = [], None
         while True:

@@ -205,13 +205,19 @@ def check_study(cfg: StudyConfig, source: str = "study") -> list[ResolvedEntry]:
     """Registry, card, model-name and file checks; returns the resolved loss entries."""
     if cfg.data.dataset not in DATASETS:
         raise KdbenchError(f"{source}: data.dataset: unknown data set {cfg.data.dataset!r}; known: {sorted(DATASETS)}")
+    def where(field: str, i: int, many: bool) -> str:
+        return f"{field}[{i}]" if many else field
+
     try:
-        check_model_name(cfg.teacher.model, "teacher.model")
-        check_model_name(cfg.student.model, "student.model")
+        for i, t in enumerate(cfg.teachers):
+            check_model_name(t.model, where("teacher", i, isinstance(cfg.teacher, list)) + ".model")
+            if t.checkpoint and not Path(t.checkpoint).is_file():
+                raise KdbenchError(f"{where('teacher', i, isinstance(cfg.teacher, list))}.checkpoint: "
+                                   f"file not found: {t.checkpoint}")
+        for i, st in enumerate(cfg.students):
+            check_model_name(st.model, where("student", i, isinstance(cfg.student, list)) + ".model")
     except KdbenchError as e:
         raise KdbenchError(f"{source}: {e}") from None
-    if cfg.teacher.checkpoint and not Path(cfg.teacher.checkpoint).is_file():
-        raise KdbenchError(f"{source}: teacher.checkpoint: file not found: {cfg.teacher.checkpoint}")
     resolved = []
     for i, entry in enumerate(cfg.losses):
         try:

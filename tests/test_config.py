@@ -142,3 +142,22 @@ def test_weighting_knobs_validated():
     d = with_("losses", [{"name": "dist", "params": {"weighting": "pmax"}}])
     with pytest.raises(KdbenchError, match=r"'dist' has no per-sample values, so it cannot be weighted"):
         check_study(parse_study(d))
+
+
+def test_several_teachers_and_students():
+    d = copy.deepcopy(BASE)
+    d["teacher"] = [{"model": "test_resnet", "epochs": 1}, {"model": "test_efficientnet", "epochs": 1, "weight": 2}]
+    d["student"] = [{"model": "test_resnet"}, {"model": "test_resnet", "label": "wide", "kwargs": {}}]
+    cfg = parse_study(d)
+    check_study(cfg)
+    assert [t.weight for t in cfg.teachers] == [1.0, 2.0] and [s.key for s in cfg.students] == ["test_resnet", "wide"]
+    d["teacher"][1]["epochs"] = -1
+    with pytest.raises(KdbenchError, match=r"study: teacher\[1\]\.epochs: Input should be greater than 0 \(got -1\)$"):
+        parse_study(d)
+    d["teacher"][1]["epochs"] = 1
+    d["student"][1]["label"] = None
+    with pytest.raises(KdbenchError, match=r"student: student 'test_resnet' appears twice"):
+        parse_study(d)
+    d["student"][1]["model"] = "nope_net"
+    with pytest.raises(KdbenchError, match=r"student\[1\]\.model: unknown timm model 'nope_net'"):
+        check_study(parse_study(d))

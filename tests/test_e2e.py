@@ -130,3 +130,37 @@ def test_changed_study_in_same_dir_is_refused(tiny_run, capsys):
         os.chdir(cwd)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "different configuration" in err[0] and "--out" in err[0]
+
+
+MULTI = {
+    "name": "multi",
+    "data": {"image_size": 16, "student_fraction": 0.25},
+    "teacher": [{"model": "test_resnet", "epochs": 2}, {"model": "test_efficientnet", "epochs": 2, "weight": 2.0}],
+    "student": [{"model": "test_resnet", "label": "a"}, {"model": "test_resnet", "label": "b"}],
+    "train": {"epochs": 2, "batch_size": 32, "device": "cpu"},
+    "losses": [{"name": "kd+mse_logits", "params": {"weighting": "pmax"}, "search": {"alpha": None}}],
+    "sweep": {"trials": 1},
+    "confirm": {"seeds": [7]},
+}
+
+
+def test_two_teachers_two_students_weighted_combination(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "multi.yaml").write_text(yaml.safe_dump(MULTI))
+    assert main(["run", "multi.yaml", "-q"]) == 0
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'multi' / 'mlflow.db'}")
+    runs = c.search_runs([c.get_experiment_by_name("multi").experiment_id], max_results=1000)
+    roles = {}
+    for r in runs:
+        key = (r.data.tags["kdbench.role"], r.data.tags.get("kdbench.student"))
+        roles[key] = roles.get(key, 0) + 1
+    assert roles == {("study", None): 1, ("teacher", None): 2, ("baseline", "a"): 1, ("baseline", "b"): 1,
+                     ("trial", "a"): 1, ("trial", "b"): 1, ("confirm", "a"): 2, ("confirm", "b"): 2}
+    trial = next(r for r in runs if r.data.tags["kdbench.role"] == "trial")
+    assert {"loss_kd_kd", "loss_kd_mse_logits", "loss_kd_coverage", "loss_kd_confidence"} <= set(trial.data.metrics)
+    storage = f"sqlite:///{tmp_path / 'runs' / 'multi' / 'optuna.db'}"
+    names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
+    assert names == ["multi.a.kd+mse_logits", "multi.b.kd+mse_logits"]
+    text = (tmp_path / "reports" / "multi" / "LEADERBOARD.md").read_text()
+    assert "## Student `a`" in text and "## Student `b`" in text
+    assert text.count("teacher `test_efficientnet`") == 2 and "test_resnet + test_efficientnet" in text

@@ -124,9 +124,11 @@ class ReviewKDLoss(DistillLoss):
 
     def per_sample(self, student, teacher, labels, epoch):
         outs = self.fuse(student)
-        t = levels(teacher)[-len(outs):]
+        t = levels(teacher)
+        if len(t) < len(outs):
+            raise ValueError(f"loss 'reviewkd' was set up for {len(outs)} teacher levels, got {len(t)}")
         value = 0.0
-        for fs, ft in zip(outs, t):
+        for fs, ft in zip(outs, t[-len(outs):]):
             if fs.shape != ft.shape:
                 raise ValueError(f"loss 'reviewkd': fused map {tuple(fs.shape)} and teacher map "
                                  f"{tuple(ft.shape)} differ (set up with other shapes?)")
