@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 import kdbench
 from kdbench import tracking as tk
+from kdbench.checkpoints import save_checkpoint
 from kdbench.config import StudyConfig
 from kdbench.data import DataBundle, load_data
 from kdbench.errors import KdbenchError
@@ -239,7 +240,7 @@ class StudyRunner:
 
     def _train_student(self, data: DataBundle, st, entry: Optional[ResolvedEntry], values: Optional[dict],
                        seed: int, run_id: str, desc: str, trial: Optional[optuna.Trial] = None,
-                       eval_test: bool = False) -> FitResult:
+                       eval_test: bool = False, checkpoint: Optional[Path] = None) -> FitResult:
         cfg = self.cfg
         torch.manual_seed(seed)
         student = create_model(st.model, data.num_classes, data.in_chans, st.kwargs)
@@ -260,6 +261,12 @@ class StudyRunner:
         if eval_test:
             summary["selected_test_acc"] = best.test_acc
         self.tracker.log_metrics(run_id, summary)
+        if checkpoint is not None:  # the student with its loss's trained parts (connectors, heads, centres)
+            meta = {"student": st.model_dump(mode="json"), "loss": entry.key if entry else BASELINE, "values": values,
+                    "seed": seed, "num_classes": data.num_classes, "in_chans": data.in_chans,
+                    "epochs": cfg.train.epochs, "test_acc_last_epoch": result.history[-1].test_acc}
+            save_checkpoint(checkpoint, student, objective.loss if objective else None, meta)
+            self.tracker.set_tags(run_id, {"kdbench.checkpoint": str(checkpoint)})
         return result
 
     def _who(self, st) -> str:
@@ -352,7 +359,9 @@ class StudyRunner:
                           **(values or {"alpha": 0.0})}
                 desc = f"{self._who(st)}confirm {key} seed {seed}"
                 with self._child(desc, tags, params=params) as run_id:
-                    result = self._train_student(data, st, entry, values, seed, run_id, desc, eval_test=True)
+                    ckpt = self.paths.out / "checkpoints" / st.key / f"{key}-seed{seed}.safetensors"
+                    result = self._train_student(data, st, entry, values, seed, run_id, desc, eval_test=True,
+                                                 checkpoint=ckpt)
                 self.progress.done(f"{desc}: test_acc {result.selected(cfg.sweep.select).test_acc:.4f}")
 
     # -- the whole study ----------------------------------------------------------------------------------------

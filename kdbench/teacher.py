@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from kdbench.checkpoints import atomic_write, load_into, read_state
 from kdbench.data import DataBundle
-from kdbench.errors import KdbenchError
 from kdbench.models import count_params, create_model
 from kdbench.train import EpochStats, evaluate, fit
 
@@ -57,24 +57,7 @@ def teacher_key(t, data: DataBundle, precision: str, augment: bool) -> str:
 
 def load_state(model: torch.nn.Module, path: Path, what: str) -> None:
     """Load weights without executing code: safetensors, or ``torch.load(weights_only=True)``."""
-    try:
-        state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
-                                                                                   weights_only=True)
-    except Exception as e:
-        raise KdbenchError(f"{what}: cannot load {path} safely: {str(e).splitlines()[0]}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = [ln.strip() for ln in str(e).splitlines() if ln.strip()][1:2] or [str(e)]
-        raise KdbenchError(f"{what}: {path} does not match the model: {first[0]}") from None
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    load_into(model, read_state(path, what), path, what)
 
 
 def get_teacher(t, data: DataBundle, device: torch.device, precision: str, cache_dir: Path, augment: bool = False,
@@ -107,8 +90,8 @@ def get_teacher(t, data: DataBundle, device: torch.device, precision: str, cache
     history = [s.metrics() | {"epoch": s.epoch} for s in result.history]
     cache_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(weights, lambda p: save_file(state, str(p)))
+    atomic_write(weights, lambda p: save_file(state, str(p)))
     meta = {"model": t.model, "kwargs": t.kwargs, "key": key, "val_acc": val, "test_acc": test,
             "seconds": result.seconds, "history": history, "data": data.summary()}
-    _atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
+    atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
     return model.eval(), TeacherInfo("trained", str(weights), key, val, test, n_params, result.seconds, history)

@@ -164,3 +164,20 @@ def test_two_teachers_two_students_weighted_combination(tmp_path, monkeypatch):
     text = (tmp_path / "reports" / "multi" / "LEADERBOARD.md").read_text()
     assert "## Student `a`" in text and "## Student `b`" in text
     assert text.count("teacher `test_efficientnet`") == 2 and "test_resnet + test_efficientnet" in text
+
+
+def test_confirm_runs_save_student_checkpoints(tiny_run):
+    import json
+
+    from safetensors.torch import load_file
+
+    root, _ = tiny_run
+    ckpt = root / "runs" / "tiny" / "checkpoints" / "test_resnet" / "kd-seed1.safetensors"
+    state = load_file(str(ckpt))
+    meta = json.loads(ckpt.with_suffix(".json").read_text())
+    assert meta["loss"] == "kd" and meta["seed"] == 1 and meta["num_classes"] == 10
+    assert any(k.startswith("student.") for k in state) and not any(k.startswith("loss.") for k in state)
+    from kdbench.models import create_model
+
+    model = create_model("test_resnet", 10, 1)
+    model.load_state_dict({k[len("student."):]: v for k, v in state.items()})
