@@ -135,3 +135,12 @@ def test_extreme_logits_stay_finite(name, data):
     assert torch.isfinite(value), f"{name}: {value}"
     value.backward()
     assert torch.isfinite(s0.logits.grad).all()
+
+
+def test_all_losses_study_sweeps_every_entry():
+    from pathlib import Path
+
+    from kdbench.config import load_study
+
+    cfg = load_study(Path(__file__).parents[1] / "studies" / "all_losses.yaml")
+    assert sorted(e.name for e in cfg.losses) == NAMES

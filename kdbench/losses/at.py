@@ -66,8 +66,9 @@ class ATLoss(DistillLoss):
     def __init__(self, stages: Optional[list[int]] = None, p: float = 2.0):
         super().__init__()
         self.stages = check_index_list("stages", stages, allow_none=True)
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (math.isfinite(p) and p > 0):
-            raise KdbenchError(f"p must be a finite number > 0, got {p!r}")
+        # p < 1 would make |F|^p's gradient infinite at the exact zeros of post-ReLU maps
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (math.isfinite(p) and p >= 1):
+            raise KdbenchError(f"p must be a finite number >= 1, got {p!r}")
         self.p = float(p)
 
     def _indices(self, student: Outputs, teacher: Outputs) -> list[int]:

@@ -69,11 +69,15 @@ class FitNetLoss(DistillLoss):
                 f"hint_layer: ConvReg maps {tuple(fs.shape[1:])} to {tuple(got)}, not the teacher's {tuple(ft.shape[1:])}"
             )
         self.reg = reg.train(self.training)
+        self._channels = (fs.shape[1], ft.shape[1])
         self._ready = True
 
     def per_sample(self, student, teacher, labels, epoch):
         require_setup(self)
         fs, ft = self._pair(student, teacher)
+        if (fs.shape[1], ft.shape[1]) != self._channels:
+            raise ValueError(f"loss 'fitnet' was set up for hint channels {self._channels} (student, teacher), "
+                             f"got {(fs.shape[1], ft.shape[1])}")
         out = self.reg(fs.float()).float()
         if out.shape != ft.shape:
             raise ValueError(f"loss 'fitnet': regressor output {tuple(out.shape)} != teacher hint {tuple(ft.shape)}")

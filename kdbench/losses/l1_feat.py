@@ -8,7 +8,7 @@ are L2-normalised along channels; per sample mean over tokens of Σ_c |x̂ − �
 """
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Sequence
 
 from torch import Tensor, nn
 
@@ -39,7 +39,7 @@ class NormalizedFeatureLoss(DistillLoss):
     at_equality = "zero"
     power: ClassVar[int] = 2
 
-    def __init__(self, features_index: Optional[list[int]] = (-1,), spatial_avg: str = "mean"):
+    def __init__(self, features_index: Sequence[int] = (-1,), spatial_avg: str = "mean"):
         super().__init__()
         self.features_index = check_index_list("features_index", features_index)
         if spatial_avg not in SPATIAL_AVG:
