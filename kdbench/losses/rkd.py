@@ -80,15 +80,17 @@ class RKDLoss(DistillLoss):
         batch = es.shape[0]
         if batch < 2 or et.shape[0] != batch:
             raise ValueError(f"loss 'rkd' needs equal student/teacher batches of at least 2, got {batch}, {et.shape[0]}")
-        diff_s, diff_t = _differences(es), _differences(et)
-        value = es.new_zeros((), dtype=torch.float32)
         parts = {}
-        if self.distance_weight:
-            parts["distance"] = F.smooth_l1_loss(distance_relation(diff_s), distance_relation(diff_t))
-            value = value + self.distance_weight * parts["distance"]
-        if self.angle_weight:
-            parts["angle"] = F.smooth_l1_loss(angle_relation(diff_s), angle_relation(diff_t))
-            value = value + self.angle_weight * parts["angle"]
+        # fp32 even under mixed precision: half-precision cosines carry errors of ~1e-3 into every angle
+        with torch.autocast(es.device.type, enabled=False):
+            diff_s, diff_t = _differences(es), _differences(et)
+            value = es.new_zeros((), dtype=torch.float32)
+            if self.distance_weight:
+                parts["distance"] = F.smooth_l1_loss(distance_relation(diff_s), distance_relation(diff_t))
+                value = value + self.distance_weight * parts["distance"]
+            if self.angle_weight:
+                parts["angle"] = F.smooth_l1_loss(angle_relation(diff_s), angle_relation(diff_t))
+                value = value + self.angle_weight * parts["angle"]
         self.last_parts = {k: v.detach() for k, v in parts.items()}  # logged by the trainer as kd_<part>
         # "sum" keeps sum = B · mean, as for per-sample losses
         return value * batch if reduction == "sum" else value
