@@ -17,7 +17,7 @@ from kdbench import tracking as tk
 from kdbench.errors import KdbenchError
 
 BASELINE = "ce"
-NOT_PARAMS = {"loss", "seed"}
+NOT_PARAMS = {"run.loss", "run.seed", "run.student"}
 
 
 def runs_frame(tracker: tk.Tracker, parent_id: str) -> pd.DataFrame:

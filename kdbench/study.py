@@ -278,8 +278,8 @@ class StudyRunner:
         seed = self.cfg.sweep.seed
         tags = self._tags("baseline", **{tk.LOSS: BASELINE, tk.SEED: seed, tk.STUDENT: st.key})
         desc = f"{self._who(st)}baseline ce"
-        with self._child(desc, tags, params={"loss": BASELINE, "seed": seed, "alpha": 0.0,
-                                             "student": st.model}) as run_id:
+        with self._child(desc, tags, params={"run.loss": BASELINE, "run.seed": seed, "alpha": 0.0,
+                                             "run.student": st.model}) as run_id:
             result = self._train_student(data, st, None, None, seed, run_id, desc)
         self.progress.done(f"{desc}: val_acc {result.selected(self.cfg.sweep.select).val_acc:.4f}")
 
@@ -317,7 +317,8 @@ class StudyRunner:
                                           tk.OPTUNA_STUDY: study.study_name, tk.TRIAL: trial.number,
                                           tk.STUDENT: st.key})
             desc = f"{self._who(st)}{entry.key} trial {trial.number}"
-            with self._child(desc, tags, params={"loss": entry.name, "student": st.model, **values}) as run_id:
+            with self._child(desc, tags, params={"run.loss": entry.name, "run.student": st.model,
+                                                 "run.seed": cfg.sweep.seed, **values}) as run_id:
                 trial.set_user_attr("mlflow_run_id", run_id)
                 try:
                     result = self._train_student(data, st, entry, values, cfg.sweep.seed, run_id, desc, trial)
@@ -355,7 +356,8 @@ class StudyRunner:
                     continue
                 tags = self._tags("confirm", **{tk.LOSS: key, tk.LOSS_NAME: entry.name if entry else BASELINE,
                                                 tk.SEED: seed, tk.STUDENT: st.key})
-                params = {"loss": entry.name if entry else BASELINE, "seed": seed, "student": st.model,
+                # run.* are about the run; the rest are knob values (a loss may have its own 'seed')
+                params = {"run.loss": entry.name if entry else BASELINE, "run.seed": seed, "run.student": st.model,
                           **(values or {"alpha": 0.0})}
                 desc = f"{self._who(st)}confirm {key} seed {seed}"
                 with self._child(desc, tags, params=params) as run_id:
