@@ -20,10 +20,16 @@ def run_study(path, **kwargs):
 
 def results(out_dir, tracking_uri=None, experiment=None):
     """The leaderboard of the study stored in ``out_dir`` (or at ``tracking_uri``) as a pandas DataFrame."""
-    from kdbench.report import open_study_store, leaderboard, runs_frame, find_study_run
+    import pandas as pd
+
+    from kdbench.report import find_study_run, leaderboard, open_study_store, runs_frame
 
     tracker = open_study_store(out_dir, tracking_uri, experiment)
-    return leaderboard(runs_frame(tracker, find_study_run(tracker).info.run_id))
+    runs = runs_frame(tracker, find_study_run(tracker).info.run_id)
+    students = list(runs.student.dropna().unique())
+    if len(students) <= 1:
+        return leaderboard(runs)
+    return pd.concat([leaderboard(runs, s).assign(student=s) for s in students], ignore_index=True)
 
 
 __all__ = ["Outputs", "create_loss", "list_losses", "run_study", "results", "__version__"]

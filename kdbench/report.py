@@ -74,14 +74,22 @@ def delta_ci(a: pd.Series, b: pd.Series, level: float = 0.95) -> tuple[float, fl
 
 
 def _params_text(params: dict) -> str:
-    shown = []
-    for k, v in sorted(params.items()):
+    """``k=v, ...`` of the knobs that act: the weighting knobs only when weighting or a ramp is on."""
+    values = {}
+    for k, v in params.items():
         try:
-            x = json.loads(v)
+            values[k] = json.loads(v)
         except (TypeError, ValueError):
-            x = v
-        shown.append(f"{k}={x:.4g}" if isinstance(x, float) else f"{k}={x}")
-    return ", ".join(shown)
+            values[k] = v
+    if values.get("weighting") in ("none", None):
+        values.pop("weighting", None)
+        values.pop("threshold", None)
+    if values.get("weighting") == "pmax":
+        values.pop("threshold", None)
+    if not values.get("ramp_epochs") and not values.get("ramp_start"):
+        values.pop("ramp_epochs", None)
+        values.pop("ramp_start", None)
+    return ", ".join(f"{k}={x:.4g}" if isinstance(x, float) else f"{k}={x}" for k, x in sorted(values.items()))
 
 
 def leaderboard(runs: pd.DataFrame, student: Optional[str] = None) -> pd.DataFrame:

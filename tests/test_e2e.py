@@ -1,6 +1,5 @@
 """A tiny study end to end through the CLI, checked through the MLflow client and optuna.load_study."""
 import os
-from pathlib import Path
 
 import optuna
 import pytest
@@ -181,3 +180,19 @@ def test_confirm_runs_save_student_checkpoints(tiny_run):
 
     model = create_model("test_resnet", 10, 1)
     model.load_state_dict({k[len("student."):]: v for k, v in state.items()})
+
+
+def test_results_dataframe_matches_mlflow(tiny_run):
+    import numpy as np
+
+    import kdbench
+
+    root, _ = tiny_run
+    df = kdbench.results(root / "runs" / "tiny")
+    assert sorted(df.loss) == ["ce", "kd", "mse_logits"] and list(df["rank"]) == [1, 2, 3]
+    _, by = runs_by_role(root)
+    for loss in ("ce", "kd"):
+        accs = [r.data.metrics["selected_test_acc"] for r in by["confirm"] if r.data.tags["kdbench.loss"] == loss]
+        row = df[df.loss == loss].iloc[0]
+        assert row.test_acc == pytest.approx(np.mean(accs)) and row.test_std == pytest.approx(np.std(accs, ddof=1))
+        assert row.seeds == 2

@@ -54,6 +54,14 @@ class DistillLoss(nn.Module):
     def per_sample(self, student: Outputs, teacher: Outputs, labels: Optional[Tensor], epoch: Optional[float]) -> Tensor:
         raise NotImplementedError
 
+    #: for losses without per-sample values: why (shown when reduction="none" is asked for)
+    batch_level_reason: ClassVar[str] = "it is defined over the whole batch"
+
+    def batch_value(self, student: Outputs, teacher: Outputs, labels: Optional[Tensor], epoch: Optional[float],
+                    indices: Optional[Tensor]) -> Tensor:
+        """The batch-mean value of a loss with ``has_per_sample = False`` (teacher already detached)."""
+        raise NotImplementedError
+
     def forward(
         self,
         student: Outputs,
@@ -66,11 +74,17 @@ class DistillLoss(nn.Module):
     ) -> Tensor:
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if reduction == "none" and not self.has_per_sample:
+            raise ValueError(f"loss {self.name!r} has no per-sample values ({self.batch_level_reason})")
         self._check_inputs(student, teacher, labels)
         teacher = teacher.detach()
         if self.standardize:
             student = replace(student, logits=standardize_logits(student.logits))
             teacher = replace(teacher, logits=standardize_logits(teacher.logits))
+        if not self.has_per_sample:
+            value = self.batch_value(student, teacher, labels, epoch, indices)
+            # "sum" stays B × the batch mean, as for per-sample losses
+            return value * _batch_size(student) if reduction == "sum" else value
         values = self.per_sample(student, teacher, labels, epoch)
         if reduction == "none":
             return values
@@ -87,6 +101,13 @@ class DistillLoss(nn.Module):
                 f"loss {self.name!r}: student logits {tuple(student.logits.shape)} and teacher logits "
                 f"{tuple(teacher.logits.shape)} differ in shape"
             )
+
+
+def _batch_size(out: Outputs) -> int:
+    for t in (out.logits, out.embedding, *(out.features or [])):
+        if t is not None:
+            return int(t.shape[0])
+    raise ValueError("outputs hold no tensor")
 
 
 _REGISTRY: dict[str, type[DistillLoss]] = {}

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdbench.errors import KdbenchError
-from kdbench.losses.base import REDUCTIONS, DistillLoss, LossContext, Outputs, register_loss
+from kdbench.losses.base import DistillLoss, LossContext, Outputs, register_loss
 
 NCE_EPS = 1e-7  # the references' eps in the NCE denominators
 
@@ -146,24 +146,12 @@ class MemoryContrastLoss(DistillLoss):
             raise ValueError(f"loss {self.name!r}: indices must lie in [0, {self.num_samples}) (ctx.num_samples)")
         return idx
 
-    def forward(
-        self,
-        student: Outputs,
-        teacher: Outputs,
-        labels: Optional[Tensor] = None,
-        *,
-        reduction: str = "mean",
-        epoch: Optional[float] = None,
-        indices: Optional[Tensor] = None,
-    ) -> Tensor:
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if reduction == "none":
-            raise ValueError(f"loss {self.name!r} has no per-sample values (batch-level: Z, shared memory updates)")
-        self._check_inputs(student, teacher, labels)
+    batch_level_reason = 'batch-level: Z, shared memory updates'
+
+    def batch_value(self, student: Outputs, teacher: Outputs, labels: Optional[Tensor], epoch: Optional[float],
+                    indices: Optional[Tensor]) -> Tensor:
         if self.embed_s is None:
             raise RuntimeError(f"loss {self.name!r} was called before setup(): its embeddings and memory are built there")
-        teacher = teacher.detach()
         es, et = student.embedding, teacher.embedding
         idx = self._indices(indices, es.shape[0])
         # exp(score/T) with T = 0.05 reaches e^20: the contrast math runs in fp32 even under mixed precision
@@ -178,7 +166,7 @@ class MemoryContrastLoss(DistillLoss):
             self.memory_t = update_memory(self.memory_t, idx, v_t, self.nce_m)
         self.last_parts = {"student": loss_s.detach(), "teacher": loss_t.detach()}
         value = loss_s + loss_t
-        return value * es.shape[0] if reduction == "sum" else value
+        return value
 
 
 @register_loss("crd")

@@ -6,14 +6,13 @@ per-sample values and overrides ``forward``.
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Optional
 
 import torch.nn.functional as F
 from torch import Tensor
 
 from kdbench.errors import KdbenchError
-from kdbench.losses.base import REDUCTIONS, DistillLoss, Outputs, check_temperature, register_loss, standardize_logits
+from kdbench.losses.base import DistillLoss, Outputs, check_temperature, register_loss
 
 EPS = 1e-8
 
@@ -46,33 +45,17 @@ class DISTLoss(DistillLoss):
         self.beta = _non_negative("beta", beta)
         self.gamma = _non_negative("gamma", gamma)
 
-    def forward(
-        self,
-        student: Outputs,
-        teacher: Outputs,
-        labels: Optional[Tensor] = None,
-        *,
-        reduction: str = "mean",
-        epoch: Optional[float] = None,
-        indices: Optional[Tensor] = None,
-    ) -> Tensor:
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if reduction == "none":
-            raise ValueError("loss 'dist' has no per-sample values (its intra-class term is batch-level)")
-        self._check_inputs(student, teacher, labels)
+    batch_level_reason = 'its intra-class term is batch-level'
+
+    def batch_value(self, student: Outputs, teacher: Outputs, labels: Optional[Tensor], epoch: Optional[float],
+                    indices: Optional[Tensor]) -> Tensor:
         batch = student.logits.shape[0]
         if batch < 2:
             # with one sample every class column is constant and intra is the constant 1
             raise ValueError(f"loss 'dist' needs a batch of at least 2 samples, got {batch}")
-        teacher = teacher.detach()
-        if self.standardize:
-            student = replace(student, logits=standardize_logits(student.logits))
-            teacher = replace(teacher, logits=standardize_logits(teacher.logits))
         t = self.temperature
         ys = F.softmax(student.logits.float() / t, dim=1)
         yt = F.softmax(teacher.logits.float() / t, dim=1)
         inter, intra = dist_terms(ys, yt)
         value = t * t * (self.beta * inter + self.gamma * intra)
-        # "sum" keeps sum = B · mean, as for per-sample losses, so sample-weighted accumulation stays consistent
-        return value * batch if reduction == "sum" else value
+        return value

@@ -8,13 +8,12 @@ per-sample values.
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from kdbench.losses.base import REDUCTIONS, DistillLoss, Outputs, register_loss, standardize_logits
+from kdbench.losses.base import DistillLoss, Outputs, register_loss
 
 NORM_EPS = 1e-12
 DIST_EPS = 1e-12  # clamp on the squared distance: D ≥ 1e-6
@@ -38,28 +37,12 @@ class EUMSELoss(DistillLoss):
     has_per_sample = False
     at_equality = "zero"
 
-    def forward(
-        self,
-        student: Outputs,
-        teacher: Outputs,
-        labels: Optional[Tensor] = None,
-        *,
-        reduction: str = "mean",
-        epoch: Optional[float] = None,
-        indices: Optional[Tensor] = None,
-    ) -> Tensor:
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if reduction == "none":
-            raise ValueError("loss 'eu_mse' has no per-sample values (it compares B×B distance matrices)")
-        self._check_inputs(student, teacher, labels)
-        teacher = teacher.detach()
-        if self.standardize:
-            student = replace(student, logits=standardize_logits(student.logits))
-            teacher = replace(teacher, logits=standardize_logits(teacher.logits))
+    batch_level_reason = 'it compares B×B distance matrices'
+
+    def batch_value(self, student: Outputs, teacher: Outputs, labels: Optional[Tensor], epoch: Optional[float],
+                    indices: Optional[Tensor]) -> Tensor:
         zs, zt = student.logits, teacher.logits
         # fp32 even under mixed precision: a half-precision Gram matrix makes near distances noise (±0.03)
         with torch.autocast(zs.device.type, enabled=False):
             value = (unit_distance_matrix(zs) - unit_distance_matrix(zt)).pow(2).mean()
-        # "sum" keeps sum = B · mean, as for per-sample losses
-        return value * zs.shape[0] if reduction == "sum" else value
+        return value

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from kdbench.errors import KdbenchError
-from kdbench.losses.base import REDUCTIONS, DistillLoss, Outputs, register_loss
+from kdbench.losses.base import DistillLoss, Outputs, register_loss
 from kdbench.losses.cosine import embeddings, linear_projector, unit
 
 #: floor on σ²: all rows identical (or B = 1 with x = y) give D = 0 and would divide 0 by 0
@@ -63,24 +63,11 @@ class MMDLoss(DistillLoss):
         self.proj = linear_projector(*self._dims, device=s.device)
         self._ready = True
 
-    def forward(
-        self,
-        student: Outputs,
-        teacher: Outputs,
-        labels: Optional[Tensor] = None,
-        *,
-        reduction: str = "mean",
-        epoch: Optional[float] = None,
-        indices: Optional[Tensor] = None,
-    ) -> Tensor:
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if reduction == "none":
-            raise ValueError("loss 'mmd' has no per-sample values (MMD compares the two batches as distributions)")
-        self._check_inputs(student, teacher, labels)
-        teacher = teacher.detach()
+    batch_level_reason = 'MMD compares the two batches as distributions'
+
+    def batch_value(self, student: Outputs, teacher: Outputs, labels: Optional[Tensor], epoch: Optional[float],
+                    indices: Optional[Tensor]) -> Tensor:
         s, t = embeddings(self, student, teacher)
         # PSD kernel: only rounding can take the value below 0
         value = mmd2(unit(t), unit(s), self.factors).clamp_min(0.0).to(s.dtype)
-        # "sum" keeps sum = B · mean, as for per-sample losses
-        return value * s.shape[0] if reduction == "sum" else value
+        return value

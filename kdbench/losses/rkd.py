@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdbench.errors import KdbenchError
-from kdbench.losses.base import REDUCTIONS, DistillLoss, Outputs, register_loss
+from kdbench.losses.base import DistillLoss, Outputs, register_loss
 
 EPS = 1e-12  # clamp on squared distances before the square root, as in the references
 
@@ -60,22 +60,10 @@ class RKDLoss(DistillLoss):
         self.angle_weight = _weight("angle_weight", angle_weight)
         self.last_parts: dict[str, Tensor] = {}
 
-    def forward(
-        self,
-        student: Outputs,
-        teacher: Outputs,
-        labels: Optional[Tensor] = None,
-        *,
-        reduction: str = "mean",
-        epoch: Optional[float] = None,
-        indices: Optional[Tensor] = None,
-    ) -> Tensor:
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if reduction == "none":
-            raise ValueError("loss 'rkd' has no per-sample values (its relations couple the whole batch)")
-        self._check_inputs(student, teacher, labels)
-        teacher = teacher.detach()
+    batch_level_reason = 'its relations couple the whole batch'
+
+    def batch_value(self, student: Outputs, teacher: Outputs, labels: Optional[Tensor], epoch: Optional[float],
+                    indices: Optional[Tensor]) -> Tensor:
         es, et = student.embedding, teacher.embedding
         batch = es.shape[0]
         if batch < 2 or et.shape[0] != batch:
@@ -92,5 +80,4 @@ class RKDLoss(DistillLoss):
                 parts["angle"] = F.smooth_l1_loss(angle_relation(diff_s), angle_relation(diff_t))
                 value = value + self.angle_weight * parts["angle"]
         self.last_parts = {k: v.detach() for k, v in parts.items()}  # logged by the trainer as kd_<part>
-        # "sum" keeps sum = B · mean, as for per-sample losses
-        return value * batch if reduction == "sum" else value
+        return value
