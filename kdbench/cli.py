@@ -29,12 +29,21 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from kdbench.report import find_study_run, open_study_store, write_leaderboard
+    from kdbench.errors import KdbenchError
+    from kdbench.report import find_study_run, open_study_store, write_report
 
+    if args.compare:
+        from kdbench.compare import write_compare
+
+        print(write_compare(args.compare, Path(args.report_dir or Path("reports") / "compare")))
+        return 0
+    if args.dir is None and args.tracking_uri is None:
+        raise KdbenchError("report: give a run directory, or --tracking-uri (with --experiment)")
     tracker = open_study_store(args.dir, args.tracking_uri, args.experiment)
     parent = find_study_run(tracker)
     study = parent.data.tags.get("kdbench.study", "study")
-    path = write_leaderboard(tracker, parent.info.run_id, Path(args.report_dir or Path("reports") / study))
+    path = write_report(tracker, parent.info.run_id, Path(args.report_dir or Path("reports") / study),
+                        figures=not args.no_figures)
     print(path)
     return 0
 
@@ -98,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--report-dir", help="where LEADERBOARD.md goes (default reports/<study name>)")
     rep.add_argument("--tracking-uri", help="read from this MLflow tracking URI instead of <dir>/mlflow.db")
     rep.add_argument("--experiment", help="MLflow experiment (default: the one with the newest study run)")
+    rep.add_argument("--compare", nargs="+", metavar="DIR",
+                     help="one table across the studies in these run directories (written to COMPARE.md)")
+    rep.add_argument("--no-figures", action="store_true", help="the table only")
     rep.set_defaults(func=_cmd_report)
 
     v = sub.add_parser("validate", help="check a study file (schema, registry, model names); runs nothing")

@@ -1,6 +1,6 @@
 """Leaderboards from MLflow: the runs of one study are read back through the MLflow client (the only source of
-truth), tabulated with pandas and written as ``LEADERBOARD.md``. Nothing in the table depends on when it was built,
-so rebuilding from unchanged runs gives the same bytes.
+truth), tabulated with pandas and written as ``LEADERBOARD.md`` with PNG figures beside it. Nothing in the table
+depends on when it was built, so rebuilding from unchanged runs gives the same bytes.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from kdbench.errors import KdbenchError
 
 BASELINE = "ce"
 NOT_PARAMS = {"run.loss", "run.seed", "run.student"}
+RUN_COLUMNS = ["run_id", "role", "loss", "loss_name", "student", "teacher_index", "seed", "trial", "status", "state",
+               "val_acc", "test_acc", "last_test_acc", "seconds", "params"]
 
 
 def runs_frame(tracker: tk.Tracker, parent_id: str) -> pd.DataFrame:
@@ -26,24 +28,17 @@ def runs_frame(tracker: tk.Tracker, parent_id: str) -> pd.DataFrame:
     for r in tracker.find(parent=parent_id):
         t, m = r.data.tags, r.data.metrics
         rows.append({
-            "run_id": r.info.run_id,
-            "role": t.get(tk.ROLE),
-            "loss": t.get(tk.LOSS),
-            "loss_name": t.get(tk.LOSS_NAME),
-            "student": t.get(tk.STUDENT),
-            "teacher_index": int(t.get("kdbench.teacher_index", 0)),
+            "run_id": r.info.run_id, "role": t.get(tk.ROLE), "loss": t.get(tk.LOSS), "loss_name": t.get(tk.LOSS_NAME),
+            "student": t.get(tk.STUDENT), "teacher_index": int(t.get("kdbench.teacher_index", 0)),
             "seed": int(t[tk.SEED]) if tk.SEED in t else None,
             "trial": int(t[tk.TRIAL]) if tk.TRIAL in t else None,
-            "status": r.info.status,
-            "state": t.get(tk.STATE),
-            "val_acc": m.get("selected_val_acc"),
-            "test_acc": m.get("selected_test_acc"),
+            "status": r.info.status, "state": t.get(tk.STATE),
+            "val_acc": m.get("selected_val_acc"), "test_acc": m.get("selected_test_acc"),
+            "last_test_acc": m.get("test_acc"),  # the newest per-epoch value (where a pruned trial stopped)
             "seconds": m.get("train_seconds"),
             "params": {k: v for k, v in r.data.params.items() if k not in NOT_PARAMS},
         })
-    cols = ["run_id", "role", "loss", "loss_name", "student", "teacher_index", "seed", "trial", "status", "state", "val_acc", "test_acc",
-            "seconds", "params"]
-    return pd.DataFrame(rows, columns=cols)
+    return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
 
 def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
@@ -59,8 +54,7 @@ def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float, floa
 def delta_ci(a: pd.Series, b: pd.Series, level: float = 0.95) -> tuple[float, float]:
     """Δ = mean(a) − mean(b) and its CI half-width: paired by seed when both have the same seeds, else Welch."""
     if len(a) and set(a.index) == set(b.index):
-        d = (a - b.loc[a.index]).to_numpy()
-        mean, _, half = mean_ci(d, level)
+        mean, _, half = mean_ci((a - b.loc[a.index]).to_numpy(), level)
         return mean, half
     mean = float(a.mean() - b.mean())
     va, vb, na, nb = a.var(ddof=1), b.var(ddof=1), len(a), len(b)
@@ -73,14 +67,19 @@ def delta_ci(a: pd.Series, b: pd.Series, level: float = 0.95) -> tuple[float, fl
     return mean, float(stats.t.ppf(0.5 + level / 2, dof) * math.sqrt(se2))
 
 
-def _params_text(params: dict) -> str:
-    """``k=v, ...`` of the knobs that act: the weighting knobs only when weighting or a ramp is on."""
-    values = {}
+def parse_params(params: dict) -> dict:
+    out = {}
     for k, v in params.items():
         try:
-            values[k] = json.loads(v)
+            out[k] = json.loads(v)
         except (TypeError, ValueError):
-            values[k] = v
+            out[k] = v
+    return out
+
+
+def params_text(params: dict) -> str:
+    """``k=v, ...`` of the knobs that act: the weighting knobs only when weighting or a ramp is on."""
+    values = parse_params(params)
     if values.get("weighting") in ("none", None):
         values.pop("weighting", None)
         values.pop("threshold", None)
@@ -94,7 +93,7 @@ def _params_text(params: dict) -> str:
 
 def leaderboard(runs: pd.DataFrame, student: Optional[str] = None) -> pd.DataFrame:
     """One row per loss entry plus the CE-only student, ranked by mean test accuracy over the confirm seeds
-    (of one student, when the study has several)."""
+    (of one student, when the study has several). ``tied`` marks rows whose interval overlaps the best row's."""
     if student is not None:
         runs = runs[runs.student == student]
     confirm = runs[(runs.role == "confirm") & (runs.status == "FINISHED") & runs.test_acc.notna()]
@@ -108,25 +107,26 @@ def leaderboard(runs: pd.DataFrame, student: Optional[str] = None) -> pd.DataFra
         mean, std, half = mean_ci(acc.to_numpy())
         d, d_half = delta_ci(acc, base) if key != BASELINE and len(base) else (math.nan, math.nan)
         t = trials[trials.loss == key]
+        both = runs[(runs.loss == key) & runs.role.isin(["trial", "confirm", "baseline"])]
         rows.append({
             "loss": key,
             "registry": c.loss_name.iloc[0] if len(c) else (t.loss_name.iloc[0] if len(t) else key),
-            "test_acc": mean,
-            "test_std": std,
-            "ci95": half,
-            "delta": d,
-            "delta_ci95": d_half,
-            "seeds": len(acc),
-            "complete": int((t.state == "COMPLETE").sum()),
-            "pruned": int((t.state == "PRUNED").sum()),
+            "test_acc": mean, "test_std": std, "ci95": half, "delta": d, "delta_ci95": d_half, "seeds": len(acc),
+            "complete": int((t.state == "COMPLETE").sum()), "pruned": int((t.state == "PRUNED").sum()),
             "failed": int(((t.state == "FAIL") | t.status.isin(["FAILED", "KILLED"])).sum()),
-            "best_params": _params_text(c.params.iloc[0]) if len(c) else "",
+            "seconds": float(both.seconds.fillna(0).sum()),
+            "best_params": params_text(c.params.iloc[0]) if len(c) else "",
         })
-    board = pd.DataFrame(rows, columns=["loss", "registry", "test_acc", "test_std", "ci95", "delta", "delta_ci95", "seeds",
-                                        "complete", "pruned", "failed", "best_params"])
+    board = pd.DataFrame(rows, columns=["loss", "registry", "test_acc", "test_std", "ci95", "delta", "delta_ci95",
+                                        "seeds", "complete", "pruned", "failed", "seconds", "best_params"])
     board = board.sort_values(["test_acc", "loss"], ascending=[False, True], na_position="last")
     board.insert(0, "rank", range(1, len(board) + 1))
-    return board.reset_index(drop=True)
+    board = board.reset_index(drop=True)
+    board["tied"] = False
+    if len(board) and not math.isnan(board.ci95.iloc[0]):
+        lo_best = board.test_acc.iloc[0] - board.ci95.iloc[0]
+        board["tied"] = (board.index > 0) & (board.test_acc + board.ci95 >= lo_best)
+    return board
 
 
 def _n_seeds(value) -> int:
@@ -151,70 +151,92 @@ def _pct(x: float, signed: bool = False) -> str:
     return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
 
 
-def render(board: pd.DataFrame, runs: pd.DataFrame, parent_tags: dict, parent_params: dict, tracking_uri: str,
-           experiment: str, parent_id: str) -> str:
-    study = parent_tags.get(tk.STUDY, "?")
-    teacher = runs[(runs.role == "teacher") & (runs.status == "FINISHED")]
-    p = parent_params
-    seeds = p.get("confirm.seeds", "?")
-    lines = [
-        f"# Leaderboard: {study}",
-        "",
-        f"- **Data**: {p.get('data.dataset')} at {p.get('data.image_size')}×{p.get('data.image_size')}, split "
-        f"train/val/test {p.get('data.splits.train')}/{p.get('data.splits.val')}/{p.get('data.splits.test')} "
-        f"(seed {p.get('data.seed')}); the student sees {_share(p.get('data.student_fraction'))} of the training labels, "
-        f"{_share(p.get('data.student_label_noise'))} of them flipped.",
-        f"- **Teacher → student**: {parent_tags.get('kdbench.teachers', '?')} → "
-        f"{parent_tags.get('kdbench.students', '?')}, "
-        f"{p.get('train.epochs')} student epochs ({p.get('train.optimizer')}, lr {p.get('train.lr')}, "
-        f"{p.get('train.schedule')}).",
-        f"- **Selection**: hyperparameters tuned on **val** ({p.get('sweep.trials')} trials per loss, "
-        f"{p.get('sweep.sampler')} sampler, {p.get('sweep.pruner')} pruner, paper defaults as trial 0); the best "
-        f"setting re-trained with each confirm seed ({seeds}) and scored on **test** at the "
-        f"**{p.get('sweep.select')}** epoch. Accuracies in %; ± is the sample std over seeds; 95% CI is the "
-        f"Student-t half-width; Δ is against the CE-only student, paired by seed.",
-        f"- **Trace**: MLflow experiment `{experiment}`, study run `{parent_id}` at `{tk.mask_secrets(tracking_uri)}`; "
-        f"kdbench {parent_tags.get('kdbench.version', '?')} (commit {parent_tags.get('kdbench.commit', '?')}), "
-        f"torch {parent_tags.get('kdbench.torch', '?')}, device {parent_tags.get('kdbench.device', '?')}, "
-        f"teacher outputs {parent_tags.get('kdbench.teacher_outputs', '?')}.",
-        "",
-    ]
-    students = [x.strip() for x in parent_tags.get("kdbench.students", "").split(",") if x.strip()]
-    boards = {st: leaderboard(runs, st) for st in students} if len(students) > 1 else {None: board}
-    for st, b in boards.items():
-        if st is not None:
-            lines += ["", f"## Student `{st}`", ""]
-        lines.append(_table(b, teacher).to_markdown(index=False, disable_numparse=True))
-    board = pd.concat(boards.values(), ignore_index=True)
-    missing = board[board.seeds < _n_seeds(seeds)]
-    unfinished = runs[runs.status.isin(["RUNNING", "FAILED", "KILLED"])]
-    if len(missing) or len(unfinished) or parent_tags.get("_status") != "FINISHED":
-        lines += ["", "**Incomplete**: " + "; ".join(filter(None, [
-            f"study run status {parent_tags.get('_status')}" if parent_tags.get("_status") != "FINISHED" else "",
-            ", ".join(f"`{k}` has {n} of the confirm seeds" for k, n in zip(missing.loss, missing.seeds)),
-            f"{len(unfinished)} run(s) not finished" if len(unfinished) else "",
-        ])) + "."]
-    return "\n".join(lines) + "\n"
+def _hours(seconds: float, device: str) -> str:
+    return f"{seconds / 3600:.4f} {device.split(':')[0]}-h"
 
 
-def _table(board: pd.DataFrame, teacher: pd.DataFrame) -> pd.DataFrame:
+def _table(board: pd.DataFrame, teacher: pd.DataFrame, device: str) -> pd.DataFrame:
     table = pd.DataFrame({
-        "rank": board["rank"],
+        "rank": [f"{r} ≈" if t else str(r) for r, t in zip(board["rank"], board.tied)],
         "loss": [f"`{k}`" if k == r else f"`{k}` ({r})" for k, r in zip(board.loss, board.registry)],
         "test acc": [f"{_pct(m)} ± {_pct(s)}" for m, s in zip(board.test_acc, board.test_std)],
         "95% CI": [f"± {_pct(h)}" for h in board.ci95],
         "Δ vs CE": [("–" if k == BASELINE else f"{_pct(d, True)} ± {_pct(h)}")
                     for k, d, h in zip(board.loss, board.delta, board.delta_ci95)],
-        "seeds": board.seeds,
-        "trials ok/pruned/failed": [("–" if k == BASELINE else f"{c}/{pr}/{f}")
-                                    for k, c, pr, f in zip(board.loss, board.complete, board.pruned, board.failed)],
+        "seeds": board.seeds.astype(str),
+        "trials ok/pruned/failed": [("–" if k == BASELINE else f"{c}/{p}/{f}")
+                                    for k, c, p, f in zip(board.loss, board.complete, board.pruned, board.failed)],
+        "train time": [f"{s / 60:.1f} min" for s in board.seconds],
+        "compute": [_hours(s, device) for s in board.seconds],
         "best params": board.best_params,
     })
     rows = [{"rank": "–", "loss": f"teacher `{tr.params.get('model', '?')}`", "test acc": _pct(tr.test_acc),
-             "95% CI": "–", "Δ vs CE": "–", "seeds": 1, "trials ok/pruned/failed": "–",
+             "95% CI": "–", "Δ vs CE": "–", "seeds": "1", "trials ok/pruned/failed": "–",
+             "train time": f"{(tr.seconds or 0) / 60:.1f} min", "compute": _hours(tr.seconds or 0, device),
              "best params": tr.params.get("source", "")}
             for tr in teacher.sort_values("teacher_index").itertuples()]
     return pd.concat([pd.DataFrame(rows, columns=table.columns), table], ignore_index=True) if rows else table
+
+
+def incomplete(runs: pd.DataFrame, boards: dict, params: dict, status: str) -> list[str]:
+    """What did not finish: the study run's status, each loss's trials and confirm seeds against the plan, runs
+    left unfinished. Empty when everything finished."""
+    notes = []
+    if status != "FINISHED":
+        notes.append(f"the study run is {status}")
+    planned_trials = int(params.get("sweep.trials", 0) or 0)
+    seeds = _n_seeds(params.get("confirm.seeds"))
+    for student, board in boards.items():
+        who = f" (student `{student}`)" if student else ""
+        for r in board.itertuples():
+            done = r.complete + r.pruned
+            if r.loss != BASELINE and done < planned_trials:
+                notes.append(f"`{r.loss}`{who}: {done} of {planned_trials} trials finished")
+            if r.seeds < seeds:
+                notes.append(f"`{r.loss}`{who}: {r.seeds} of {seeds} confirm seeds finished")
+    left = runs[runs.status.isin(["RUNNING", "FAILED", "KILLED"])]
+    for status_name, n in left.status.value_counts().sort_index().items():
+        notes.append(f"{n} run(s) {status_name}")
+    return notes
+
+
+def render(boards: dict, runs: pd.DataFrame, tags: dict, p: dict, tracking_uri: str, experiment: str,
+           parent_id: str, figures: list[Path]) -> str:
+    teacher = runs[(runs.role == "teacher") & (runs.status == "FINISHED")]
+    device = tags.get("kdbench.device", "cpu")
+    lines = [
+        f"# Leaderboard: {tags.get(tk.STUDY, '?')}",
+        "",
+        f"- **Data**: {p.get('data.dataset')} at {p.get('data.image_size')}×{p.get('data.image_size')}, split "
+        f"train/val/test {p.get('data.splits.train')}/{p.get('data.splits.val')}/{p.get('data.splits.test')} "
+        f"(seed {p.get('data.seed')}); the student sees {_share(p.get('data.student_fraction'))} of the training "
+        f"labels, {_share(p.get('data.student_label_noise'))} of them flipped.",
+        f"- **Teacher → student**: {tags.get('kdbench.teachers', '?')} → {tags.get('kdbench.students', '?')}, "
+        f"{p.get('train.epochs')} student epochs ({p.get('train.optimizer')}, lr {p.get('train.lr')}, "
+        f"{p.get('train.schedule')}).",
+        f"- **Selection**: hyperparameters tuned on **val** ({p.get('sweep.trials')} trials per loss, "
+        f"{p.get('sweep.sampler')} sampler, {p.get('sweep.pruner')} pruner, paper defaults as trial 0); the best "
+        f"setting re-trained with each confirm seed ({p.get('confirm.seeds')}) and scored on **test** at the "
+        f"**{p.get('sweep.select')}** epoch (`sweep.select`). Accuracies in %; ± is the sample std over seeds; "
+        f"95% CI is the Student-t half-width; Δ is against the CE-only student, paired by seed; ≈ marks a row "
+        f"whose interval overlaps the best row's (statistically tied). Train time and compute add up the trial and "
+        f"confirm runs of each row.",
+        f"- **Trace**: MLflow experiment `{experiment}`, study run `{parent_id}` at `{tk.mask_secrets(tracking_uri)}`; "
+        f"kdbench {tags.get('kdbench.version', '?')} (commit {tags.get('kdbench.commit', '?')}), "
+        f"torch {tags.get('kdbench.torch', '?')}, device {device}, teacher outputs "
+        f"{tags.get('kdbench.teacher_outputs', '?')}.",
+        "",
+    ]
+    for student, board in boards.items():
+        if student is not None:
+            lines += [f"## Student `{student}`", ""]
+        lines += [_table(board, teacher, device).to_markdown(index=False, disable_numparse=True), ""]
+    notes = incomplete(runs, boards, p, tags.get("_status", "?"))
+    if notes:
+        lines += ["**Incomplete**: " + "; ".join(notes) + ". The rows above count only what finished.", ""]
+    if figures:
+        lines += ["## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
+    return "\n".join(lines)
 
 
 def find_study_run(tracker: tk.Tracker, study: Optional[str] = None):
@@ -231,7 +253,7 @@ def open_study_store(out_dir=None, tracking_uri: Optional[str] = None,
     experiment name, the experiment holding the newest kdbench study run is used."""
     if tracking_uri is None:
         if out_dir is None:
-            raise KdbenchError("report: give a run directory or --tracking-uri")
+            raise KdbenchError("report: give a run directory, or --experiment with --tracking-uri")
         db = Path(out_dir) / "mlflow.db"
         if not db.is_file():
             raise KdbenchError(f"{out_dir}: no MLflow store here (expected {db})")
@@ -239,7 +261,7 @@ def open_study_store(out_dir=None, tracking_uri: Optional[str] = None,
     if experiment is None:
         from mlflow import MlflowClient
 
-        tk._quiet_mlflow_logs()
+        tk.quiet_mlflow_logs()
         client = MlflowClient(tracking_uri=tracking_uri)
         exps = client.search_experiments()
         found = client.search_runs([e.experiment_id for e in exps], f"tags.`{tk.ROLE}` = 'study'", max_results=1,
@@ -250,13 +272,24 @@ def open_study_store(out_dir=None, tracking_uri: Optional[str] = None,
     return tk.Tracker(tracking_uri, experiment, create=False)
 
 
-def write_leaderboard(tracker: tk.Tracker, parent_id: str, report_dir: Path) -> Path:
+def boards_by_student(runs: pd.DataFrame, tags: dict) -> dict:
+    students = [x.strip() for x in tags.get("kdbench.students", "").split(",") if x.strip()]
+    return {s: leaderboard(runs, s) for s in students} if len(students) > 1 else {None: leaderboard(runs)}
+
+
+def write_report(tracker: tk.Tracker, parent_id: str, report_dir: Path, figures: bool = True) -> Path:
+    """LEADERBOARD.md and its figures in ``report_dir``, also logged as artifacts of the study run."""
+    from kdbench.figures import make_figures
+
     parent = tracker.client.get_run(parent_id)
     runs = runs_frame(tracker, parent_id)
-    board = leaderboard(runs)
     tags = dict(parent.data.tags, _status=parent.info.status)
-    text = render(board, runs, tags, parent.data.params, tracker.uri, tracker.experiment, parent_id)
+    boards = boards_by_student(runs, tags)
     report_dir.mkdir(parents=True, exist_ok=True)
+    made = make_figures(tracker, runs, boards, parent.data.params, report_dir) if figures else []
+    text = render(boards, runs, tags, parent.data.params, tracker.uri, tracker.experiment, parent_id, made)
     path = report_dir / "LEADERBOARD.md"
     path.write_text(text)
+    for f in [path, *made]:
+        tracker.log_artifact(parent_id, f, "report")
     return path

@@ -193,6 +193,9 @@ class StudyRunner:
         params = {k: tk.mask_secrets(v) if isinstance(v, str) else v
                   for k, v in tk.flatten(cfg.model_dump(mode="json", exclude={"losses"})).items()}
         params["losses"] = [e.key for e in self.entries]
+        # the search spaces, so reports can rebuild each Optuna study from MLflow alone
+        params.update({tk.safe_key(f"space.{e.key}"): {k: v.model_dump(exclude_none=True) for k, v in e.space.items()}
+                       for e in self.entries})
         self.parent = self.tracker.start_run(cfg.name, tags, params=params)
         snapshot = self.paths.out / "study.yaml"
         snapshot.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -321,7 +324,9 @@ class StudyRunner:
                                                  "run.seed": cfg.sweep.seed, **values}) as run_id:
                 trial.set_user_attr("mlflow_run_id", run_id)
                 try:
-                    result = self._train_student(data, st, entry, values, cfg.sweep.seed, run_id, desc, trial)
+                    # test accuracy is recorded for the report's plots; selection uses val only
+                    result = self._train_student(data, st, entry, values, cfg.sweep.seed, run_id, desc, trial,
+                                                 eval_test=True)
                 except NonFiniteLoss as e:
                     trial.set_user_attr("kdbench.reason", str(e))
                     raise optuna.TrialPruned(str(e)) from None
@@ -368,7 +373,7 @@ class StudyRunner:
 
     # -- the whole study ----------------------------------------------------------------------------------------
     def run(self) -> StudySummary:
-        from kdbench.report import write_leaderboard
+        from kdbench.report import write_report
 
         cfg, paths = self.cfg, self.paths
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -396,7 +401,7 @@ class StudyRunner:
         finally:
             self.progress.close()
         self.tracker.end_run(self.parent, "FINISHED")
-        board = write_leaderboard(self.tracker, self.parent, paths.report_dir)
+        board = write_report(self.tracker, self.parent, paths.report_dir)
         return StudySummary(paths, self.experiment, self.parent, board, ", ".join(i.source for i in infos))
 
 

@@ -28,7 +28,14 @@ def mask_secrets(text: str) -> str:
     return _PASSWORD.sub(lambda m: f"{m.group('scheme')}:***@", str(text))
 
 
-def _quiet_mlflow_logs() -> None:
+def safe_key(name: str) -> str:
+    """An MLflow param/metric name for ``name`` (MLflow allows alphanumerics and ``_ - . : /`` and space)."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name)
+
+
+def quiet_mlflow_logs() -> None:
+    import mlflow  # noqa: F401  (its import configures its loggers: quiet them afterwards)
+
     for name in ("alembic", "mlflow", "sqlalchemy"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -54,7 +61,7 @@ class Tracker:
     """Thin wrapper over ``MlflowClient`` bound to one experiment."""
 
     def __init__(self, uri: str, experiment: str, artifact_dir: Optional[Path] = None, create: bool = True):
-        _quiet_mlflow_logs()
+        quiet_mlflow_logs()
         from mlflow import MlflowClient
 
         self.uri = uri
