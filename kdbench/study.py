@@ -251,7 +251,8 @@ class StudyRunner:
         if entry is not None:
             loss, mix = entry.build(values)
             weighting = entry.weighting(mix, data.num_classes, data.student_train.y)
-            objective = DistillObjective(loss, self.provider, float(mix["alpha"]), float(mix["weight"]), weighting)
+            objective = DistillObjective(loss, self.provider, float(mix["alpha"]), float(mix["weight"]), weighting,
+                                         temperature=entry.schedule(mix))
         self.progress.start(desc, cfg.train.epochs)
         result = fit(student, data.student_train, data.val, cfg.train, device=self.device,
                      precision=cfg.train.precision, seed=seed, objective=objective,

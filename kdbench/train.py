@@ -23,6 +23,7 @@ from kdbench.losses import DistillLoss, Outputs
 from kdbench.losses.base import LossContext
 from kdbench.losses.weighting import KDWeighting
 from kdbench.models import forward_outputs
+from kdbench.schedules import temperature_modules
 
 
 class NonFiniteLoss(RuntimeError):
@@ -36,6 +37,10 @@ class Batch:
     idx: torch.Tensor  # positions in the training set (for cached teacher outputs and sample-indexed losses)
     epoch: float  # 0-based, fractional within the epoch
     views: Optional[list[torch.Tensor]] = None  # further augmented views, only for losses that need them
+
+
+#: epoch means of the objective's terms that are not loss values: logged under their own names
+NOT_LOSSES = frozenset({"temperature", "kd_coverage", "kd_confidence", "kd_ramp"})
 
 
 @dataclass
@@ -54,7 +59,7 @@ class EpochStats:
              "epoch_seconds": self.seconds}
         if self.test_acc is not None:
             m["test_acc"] = self.test_acc
-        m.update({f"loss_{k}": v for k, v in self.parts.items()})
+        m.update({k if k in NOT_LOSSES else f"loss_{k}": v for k, v in self.parts.items()})
         return m
 
 
@@ -193,10 +198,13 @@ class DistillObjective:
     """(1 − alpha)·CE + alpha·weight·loss(student, teacher), with optional per-sample weighting of the loss."""
 
     def __init__(self, loss: DistillLoss, teacher: TeacherProvider, alpha: float, weight: float = 1.0,
-                 weighting: Optional[KDWeighting] = None):
+                 weighting: Optional[KDWeighting] = None,
+                 temperature: Optional[Callable[[float, float], float]] = None):
         self.loss, self.teacher, self.alpha, self.weight = loss, teacher, float(alpha), float(weight)
         self.weighting = weighting if weighting is not None and weighting.active else None
         self.needs = frozenset(loss.needs)
+        self.temperature = temperature  # schedule f(epoch, epochs) applied to every part with a temperature
+        self.epochs = 0
 
     def _student(self, model: nn.Module, x: torch.Tensor) -> Outputs:
         return forward_outputs(model, x, "features" in self.needs, "embedding" in self.needs)
@@ -214,9 +222,16 @@ class DistillObjective:
         model.train(was)
         self.loss.setup(student, self.teacher(probe, self.needs), ctx)
         self.loss.to(train.x.device)
+        self.epochs = ctx.epochs
         return self.loss
 
     def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        scheduled = {}
+        if self.temperature is not None:
+            t = float(self.temperature(batch.epoch, self.epochs))
+            for m in temperature_modules(self.loss):
+                m.temperature = t
+            scheduled["temperature"] = torch.tensor(t)
         student = self._student(model, batch.x)
         if batch.views:
             student.views = [self._student(model, v) for v in batch.views]
@@ -232,6 +247,7 @@ class DistillObjective:
             terms.update(stats)
         terms.update({f"kd_{k}": v for k, v in getattr(self.loss, "last_parts", {}).items()})
         terms["kd"] = kd
+        terms.update(scheduled)
         total = (1.0 - self.alpha) * ce + self.alpha * self.weight * kd
         return total, terms
 

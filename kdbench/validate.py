@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 
 from kdbench.config import LossEntry, StudyConfig
-from kdbench.data import DATASETS
+from kdbench.data import DATASETS, check_data_root
 from kdbench.errors import KdbenchError
 from kdbench.losses import DistillLoss, create_loss, get_loss_class, load_card, loss_parameters
 from kdbench.losses.base import unknown_loss_message
@@ -26,6 +26,7 @@ from kdbench.losses.cards import MIX_DEFAULTS, MIX_PARAMS, knob_name
 from kdbench.losses.combine import CombinedLoss, create_custom, custom_parameters, is_custom
 from kdbench.losses.weighting import KDWeighting, check_weighting
 from kdbench.models import check_model_name
+from kdbench.schedules import check_schedule, make_schedule, temperature_modules
 from kdbench.space import SearchParam
 
 
@@ -78,6 +79,10 @@ class ResolvedEntry:
                    if k.startswith(p.key + ".") and k != f"{p.key}.weight"}
             built[p.key] = (p.create(own), float(values[f"{p.key}.weight"]))
         return CombinedLoss(built), mix
+
+    def schedule(self, mix: dict[str, Any]):
+        """The temperature schedule for these knob values (None: each loss keeps its own temperature)."""
+        return make_schedule(mix["t_schedule"], float(mix["t_start"]), float(mix["t_end"]), int(mix["t_steps"]))
 
     def weighting(self, mix: dict[str, Any], num_classes: int, train_labels: torch.Tensor) -> KDWeighting:
         """The per-sample weighting of the KD term for these knob values and this training set."""
@@ -191,8 +196,11 @@ def resolve_entry(entry: LossEntry, where: str) -> ResolvedEntry:
     try:  # build once with the defaults: catches bad fixed values now rather than mid-sweep
         loss, mix = resolved.build(resolved.values({}))
         check_weighting(mix["weighting"], mix["threshold"])
+        check_schedule(mix["t_schedule"], mix["t_start"], mix["t_end"], mix["t_steps"])
     except (KdbenchError, TypeError, ValueError) as e:
         raise KdbenchError(f"{where}.params: {e}") from None
+    if (mix["t_schedule"] != "constant" or "t_schedule" in space) and not temperature_modules(loss):
+        raise KdbenchError(f"{where}: loss {entry.key!r} has no temperature to schedule")
     resolved.needs, resolved.has_per_sample = frozenset(loss.needs), loss.has_per_sample
     weighted = (mix["weighting"] != "none" or "weighting" in space or mix["ramp_epochs"] or mix["ramp_start"]
                 or entry.class_weights is not None or entry.kd_classes is not None)
@@ -205,6 +213,10 @@ def check_study(cfg: StudyConfig, source: str = "study") -> list[ResolvedEntry]:
     """Registry, card, model-name and file checks; returns the resolved loss entries."""
     if cfg.data.dataset not in DATASETS:
         raise KdbenchError(f"{source}: data.dataset: unknown data set {cfg.data.dataset!r}; known: {sorted(DATASETS)}")
+    try:  # a file-based data set's files must be where data.root says (unless data.download will fetch them)
+        check_data_root(cfg.data)
+    except KdbenchError as e:
+        raise KdbenchError(f"{source}: {e}") from None
     def where(field: str, i: int, many: bool) -> str:
         return f"{field}[{i}]" if many else field
 

@@ -156,7 +156,7 @@ def test_two_teachers_two_students_weighted_combination(tmp_path, monkeypatch):
     assert roles == {("study", None): 1, ("teacher", None): 2, ("baseline", "a"): 1, ("baseline", "b"): 1,
                      ("trial", "a"): 1, ("trial", "b"): 1, ("confirm", "a"): 2, ("confirm", "b"): 2}
     trial = next(r for r in runs if r.data.tags["kdbench.role"] == "trial")
-    assert {"loss_kd_kd", "loss_kd_mse_logits", "loss_kd_coverage", "loss_kd_confidence"} <= set(trial.data.metrics)
+    assert {"loss_kd_kd", "loss_kd_mse_logits", "kd_coverage", "kd_confidence"} <= set(trial.data.metrics)
     storage = f"sqlite:///{tmp_path / 'runs' / 'multi' / 'optuna.db'}"
     names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
     assert names == ["multi.a.kd+mse_logits", "multi.b.kd+mse_logits"]
@@ -196,3 +196,40 @@ def test_results_dataframe_matches_mlflow(tiny_run):
         row = df[df.loss == loss].iloc[0]
         assert row.test_acc == pytest.approx(np.mean(accs)) and row.test_std == pytest.approx(np.std(accs, ddof=1))
         assert row.seeds == 2
+
+
+TRIPLE = {
+    "name": "triple",
+    "data": {"image_size": 16, "student_fraction": 0.25},
+    "teacher": {"model": "test_resnet", "epochs": 2},
+    "student": {"model": "test_resnet"},
+    "train": {"epochs": 3, "batch_size": 32, "device": "cpu"},
+    "losses": [
+        {"label": "kd_triple", "params": {"alpha": 0.7}, "search": {"alpha": None},
+         "parts": [{"name": "kd", "label": f"kd_t{t}", "weight": w, "params": {"temperature": float(t)}}
+                   for t, w in ((2, 0.2), (4, 0.3), (8, 0.2))]},
+        {"name": "kd", "label": "kd_warm", "params": {"t_schedule": "linear", "t_start": 2.0, "t_end": 8.0},
+         "search": {"alpha": None, "temperature": None}},
+    ],
+    "sweep": {"trials": 1},
+    "confirm": {"seeds": 1},
+}
+
+
+def test_kd_triple_logs_three_parts_and_schedule_logs_temperature(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "triple.yaml").write_text(yaml.safe_dump(TRIPLE))
+    assert main(["run", "triple.yaml", "-q"]) == 0
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'triple' / 'mlflow.db'}")
+    runs = c.search_runs([c.get_experiment_by_name("triple").experiment_id], max_results=100)
+    trial = next(r for r in runs if r.data.tags.get("kdbench.loss") == "kd_triple"
+                 and r.data.tags["kdbench.role"] == "trial")
+    for part in ("kd_t2", "kd_t4", "kd_t8"):
+        history = c.get_metric_history(trial.info.run_id, f"loss_kd_{part}")
+        assert len(history) == 3 and all(m.value >= 0 for m in history)
+    assert trial.data.params["kd_t4.weight"] == "0.3" and trial.data.params["kd_t8.temperature"] == "8.0"
+    warm = next(r for r in runs if r.data.tags.get("kdbench.loss") == "kd_warm" and r.data.tags["kdbench.role"] == "trial")
+    temps = [m.value for m in sorted(c.get_metric_history(warm.info.run_id, "temperature"), key=lambda m: m.step)]
+    # epoch means of a linear 2 → 8 ramp over 3 epochs: rising, inside (2, 8)
+    assert len(temps) == 3 and 2.0 < temps[0] < temps[1] < temps[2] < 8.0
+    assert temps[1] == pytest.approx(5.0, abs=0.6)

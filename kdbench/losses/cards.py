@@ -18,10 +18,12 @@ from kdbench.errors import KdbenchError
 from kdbench.space import SearchParam, StrictModel
 
 #: study-level knobs every entry has besides its own parameters: the CE/KD mix, a multiplier on the loss, and
-#: the per-sample weighting (kdbench.losses.weighting). A loss's own parameter with one of these names (DKD's and
+#: the per-sample weighting (kdbench.losses.weighting), and the temperature schedule (kdbench.schedules). A loss's own parameter with one of these names (DKD's and
 #: USKD's ``alpha``) is addressed as ``<loss>.<param>`` in studies and search spaces; any own parameter may be.
-MIX_PARAMS = ("alpha", "weight", "weighting", "threshold", "ramp_start", "ramp_epochs")
-MIX_DEFAULTS = {"weighting": "none", "threshold": 0.95, "ramp_start": 0.0, "ramp_epochs": 0.0}
+MIX_PARAMS = ("alpha", "weight", "weighting", "threshold", "ramp_start", "ramp_epochs",
+              "t_schedule", "t_start", "t_end", "t_steps")
+MIX_DEFAULTS = {"weighting": "none", "threshold": 0.95, "ramp_start": 0.0, "ramp_epochs": 0.0,
+                "t_schedule": "constant", "t_start": 2.0, "t_end": 8.0, "t_steps": 4}
 
 
 def knob_name(loss: str, param: str) -> str:
