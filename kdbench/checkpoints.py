@@ -53,9 +53,58 @@ def read_state(path: Path, what: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = [ln.strip() for ln in str(e).splitlines() if ln.strip()][1:2] or [str(e)]
-        raise KdbenchError(f"{what}: {path} does not match the model: {first[0]}") from None
+def mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> Optional[str]:
+    """Why ``state`` does not fit ``model``, in words (class count, architecture, a shape), or None if it fits."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        parts = [f"{len(missing)} of the model's tensors missing (e.g. {missing[0]!r})" if missing else "",
+                 f"{len(unexpected)} unknown tensors (e.g. {unexpected[0]!r})" if unexpected else ""]
+        return "a different architecture: " + ", ".join(p for p in parts if p)
+    head = getattr(model, "get_classifier", lambda: None)()
+    head_keys = {f"{n}.weight" for n, m in model.named_modules() if m is head}
+    for k, v in own.items():
+        if state[k].shape != v.shape:
+            if k in head_keys:
+                return f"{state[k].shape[0]} classes in the checkpoint, {v.shape[0]} in the study"
+            return f"{k!r} is {tuple(state[k].shape)} in the checkpoint, {tuple(v.shape)} in the model"
+    return None
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str,
+              expected_model: Optional[str] = None) -> None:
+    """Load ``state`` into ``model``, or say in one line why it does not fit (the JSON sidecar's model name first)."""
+    sidecar = Path(path).with_suffix(".json")
+    if expected_model and sidecar.is_file():
+        try:
+            saved = json.loads(sidecar.read_text()).get("model")
+        except (ValueError, AttributeError):
+            saved = None
+        if saved and saved != expected_model:
+            raise KdbenchError(f"{what}: {path} holds a {saved!r}, the study asks for {expected_model!r}")
+    why = mismatch(model, state)
+    if why:
+        raise KdbenchError(f"{what}: {path} does not match the model: {why}")
+    model.load_state_dict(state)
+
+
+def log_final_model(tracker, run_id: str, student_cfg, data, path: Path) -> None:
+    """``mlflow.pytorch.log_model`` of a final student (MLflow's traced pt2 format: no pickle), into run
+    ``run_id``. Only final models are logged this way, never trials."""
+    import mlflow
+    import numpy as np
+    import timm
+
+    from kdbench.models import create_model
+
+    model = create_model(student_cfg.model, data.num_classes, data.in_chans, student_cfg.kwargs)
+    state = read_state(path, "final student")
+    load_into(model, {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}, path,
+              "final student")
+    example = np.zeros((2, data.in_chans, data.image_size, data.image_size), dtype=np.float32)
+    mlflow.set_tracking_uri(tracker.uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.pytorch.log_model(model.eval(), name="student", input_example=example,
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                                   f"timm=={timm.__version__}"])
+

@@ -52,6 +52,11 @@ class DataConfig(StrictModel):
     student_fraction: float = Field(1.0, gt=0.0, le=1.0)
     #: fraction of the student's labels flipped to another class (symmetric label noise)
     student_label_noise: float = Field(0.0, ge=0.0, lt=1.0)
+    #: the folder holding a file-based data set's files (cifar10, cifar100, mnist, fashion_mnist, imagefolder),
+    #: relative to the working directory. Left out of dumps when unset, so older studies keep their fingerprints.
+    root: Optional[str] = Field(None, exclude_if=lambda v: v is None)
+    #: fetch missing files with torchvision's downloaders (needs a network); never the default
+    download: bool = Field(False, exclude_if=lambda v: not v)
 
 
 class Recipe(StrictModel):
@@ -177,6 +182,10 @@ class SweepConfig(StrictModel):
 class ConfirmConfig(StrictModel):
     #: a count n (seeds 0..n-1) or an explicit list
     seeds: Union[PositiveInt, list[int]] = 3
+    #: export each loss's final student (its confirm run with the best val accuracy) as a file + MLflow artifact
+    export: bool = True
+    #: also log those final students with mlflow.pytorch.log_model (never done per trial)
+    log_model: bool = True
 
     @property
     def seed_list(self) -> list[int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,12 @@ from tqdm.auto import tqdm
 
 import kdbench
 from kdbench import tracking as tk
-from kdbench.checkpoints import save_checkpoint
+from kdbench.checkpoints import log_final_model, save_checkpoint
 from kdbench.config import StudyConfig
 from kdbench.data import DataBundle, load_data
 from kdbench.errors import KdbenchError
 from kdbench.models import create_model
-from kdbench.teacher import TeacherInfo, default_cache_dir, get_teacher
+from kdbench.teacher import TeacherInfo, default_cache_dir, get_teacher, load_state
 from kdbench.train import (
     DistillObjective,
     EpochStats,
@@ -371,6 +372,30 @@ class StudyRunner:
                     result = self._train_student(data, st, entry, values, seed, run_id, desc, eval_test=True,
                                                  checkpoint=ckpt)
                 self.progress.done(f"{desc}: test_acc {result.selected(cfg.sweep.select).test_acc:.4f}")
+            if cfg.confirm.export:
+                self._export_best(key, st, data)
+
+    def _export_best(self, key: str, st, data: DataBundle) -> None:
+        """The loss's final student: its confirm run with the best val accuracy (lowest seed on ties), copied to
+        ``<out>/best/<student>/<loss>.safetensors``, logged as an artifact of that run and, once, as an MLflow
+        model. Selection never looks at test accuracy."""
+        runs = self._finished(role="confirm", loss=key, student=st.key)
+        if not runs:
+            return
+        best = max(runs, key=lambda r: (r.data.metrics.get("selected_val_acc", -1.0), -int(r.data.tags[tk.SEED])))
+        if best.data.tags.get("kdbench.exported") == "true":
+            return
+        src = Path(best.data.tags["kdbench.checkpoint"])
+        dst = self.paths.out / "best" / st.key / f"{key}.safetensors"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        for a, b in ((src, dst), (src.with_suffix(".json"), dst.with_suffix(".json"))):
+            shutil.copyfile(a, b)
+        run_id = best.info.run_id
+        self.tracker.log_artifact(run_id, dst, "best_student")
+        if self.cfg.confirm.log_model:
+            log_final_model(self.tracker, run_id, st, data, dst)
+        self.tracker.set_tags(run_id, {"kdbench.exported": "true"})
+        self.tracker.set_tags(self.parent, {f"kdbench.best.{tk.safe_key(st.key)}.{tk.safe_key(key)}": run_id})
 
     # -- the whole study ----------------------------------------------------------------------------------------
     def run(self) -> StudySummary:
@@ -379,11 +404,17 @@ class StudyRunner:
         cfg, paths = self.cfg, self.paths
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         logging.getLogger("optuna").setLevel(logging.WARNING)
+        # data and teacher checkpoints are checked before anything is written
+        data = load_data(cfg.data)
+        for i, t in enumerate(cfg.teachers):
+            if t.checkpoint:
+                field = f"teacher[{i}]" if isinstance(cfg.teacher, list) else "teacher"
+                load_state(create_model(t.model, data.num_classes, data.in_chans, t.kwargs), Path(t.checkpoint),
+                           f"{field}.checkpoint", t.model)
         paths.out.mkdir(parents=True, exist_ok=True)
         self.tracker = tk.Tracker(paths.tracking_uri, self.experiment, artifact_dir=paths.out / "artifacts")
         self._open_parent()
         try:
-            data = load_data(cfg.data)
             infos = self._teachers(data)
             if not cfg.data.augment:  # inputs are the same every epoch: one teacher pass serves the whole study
                 self.provider.precompute(data.student_train.x.to(self.device), self._teacher_needs())

@@ -55,9 +55,9 @@ def teacher_key(t, data: DataBundle, precision: str, augment: bool) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def load_state(model: torch.nn.Module, path: Path, what: str) -> None:
+def load_state(model: torch.nn.Module, path: Path, what: str, expected_model: Optional[str] = None) -> None:
     """Load weights without executing code: safetensors, or ``torch.load(weights_only=True)``."""
-    load_into(model, read_state(path, what), path, what)
+    load_into(model, read_state(path, what), path, what, expected_model)
 
 
 def get_teacher(t, data: DataBundle, device: torch.device, precision: str, cache_dir: Path, augment: bool = False,
@@ -68,7 +68,7 @@ def get_teacher(t, data: DataBundle, device: torch.device, precision: str, cache
     model = create_model(t.model, data.num_classes, data.in_chans, t.kwargs)
     n_params = count_params(model)
     if t.checkpoint:
-        load_state(model, Path(t.checkpoint), "teacher.checkpoint")
+        load_state(model, Path(t.checkpoint), "teacher.checkpoint", t.model)
         model.to(device)
         val, test = evaluate(model, data.val.to(device), precision)[0], evaluate(model, data.test.to(device), precision)[0]
         return model.eval(), TeacherInfo("checkpoint", str(t.checkpoint), "", val, test, n_params)

@@ -89,3 +89,19 @@ def test_console_script_exit_code(tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "kdbench")
     r = subprocess.run([exe, "run", str(tmp_path / "missing.yaml")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "study file not found" in r.stderr
+
+
+def test_mismatched_teacher_checkpoint_fails_before_writing(tmp_path, capsys, monkeypatch):
+    from safetensors.torch import save_file
+
+    from kdbench.models import create_model
+
+    monkeypatch.chdir(tmp_path)
+    save_file(create_model("test_resnet", 100, 1).state_dict(), str(tmp_path / "t.safetensors"))
+    study = bad(teacher__checkpoint=str(tmp_path / "t.safetensors"))
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(study))
+    before = set(os.listdir(tmp_path))
+    assert main(["run", "s.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "teacher.checkpoint" in err[0] and "100 classes in the checkpoint, 10 in the study" in err[0]
+    assert set(os.listdir(tmp_path)) == before

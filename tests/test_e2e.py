@@ -16,7 +16,7 @@ TINY = {
     "train": {"epochs": 3, "batch_size": 32, "lr": 0.05, "device": "cpu"},
     "losses": ["kd", {"name": "mse_logits", "search": {"weight": None}}],
     "sweep": {"trials": 2, "seed": 0},
-    "confirm": {"seeds": 2},
+    "confirm": {"seeds": 2, "log_model": True},
 }
 
 
@@ -118,7 +118,7 @@ def test_rerun_resumes_without_new_runs_and_report_is_stable(tiny_run, capsys):
 
 def test_changed_study_in_same_dir_is_refused(tiny_run, capsys):
     root, _ = tiny_run
-    changed = dict(TINY, sweep={"trials": 3, "seed": 0})
+    changed = dict(TINY, sweep={"trials": 3, "seed": 0})  # a changed study
     path = root / "changed.yaml"
     path.write_text(yaml.safe_dump(changed))
     cwd = os.getcwd()
@@ -139,7 +139,7 @@ MULTI = {
     "train": {"epochs": 2, "batch_size": 32, "device": "cpu"},
     "losses": [{"name": "kd+mse_logits", "params": {"weighting": "pmax"}, "search": {"alpha": None}}],
     "sweep": {"trials": 1},
-    "confirm": {"seeds": [7]},
+    "confirm": {"seeds": [7], "log_model": False},
 }
 
 
@@ -212,7 +212,7 @@ TRIPLE = {
          "search": {"alpha": None, "temperature": None}},
     ],
     "sweep": {"trials": 1},
-    "confirm": {"seeds": 1},
+    "confirm": {"seeds": 1, "log_model": False},
 }
 
 
@@ -233,3 +233,26 @@ def test_kd_triple_logs_three_parts_and_schedule_logs_temperature(tmp_path, monk
     # epoch means of a linear 2 → 8 ramp over 3 epochs: rising, inside (2, 8)
     assert len(temps) == 3 and 2.0 < temps[0] < temps[1] < temps[2] < 8.0
     assert temps[1] == pytest.approx(5.0, abs=0.6)
+
+
+def test_final_students_exported_and_logged_as_models(tiny_run):
+    import mlflow
+
+    root, _ = tiny_run
+    c, by = runs_by_role(root)
+    parent = by["study"][0]
+    for loss in ("ce", "kd", "mse_logits"):
+        best_id = parent.data.tags[f"kdbench.best.test_resnet.{loss}"]
+        best = c.get_run(best_id)
+        seeds = [r for r in by["confirm"] if r.data.tags["kdbench.loss"] == loss]
+        # the exported one has the best val accuracy among the seeds (test accuracy plays no part)
+        assert best.data.metrics["selected_val_acc"] == max(r.data.metrics["selected_val_acc"] for r in seeds)
+        assert (root / "runs" / "tiny" / "best" / "test_resnet" / f"{loss}.safetensors").is_file()
+        assert [a.path for a in c.list_artifacts(best_id, "best_student")] == [f"best_student/{loss}.safetensors"]
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'runs' / 'tiny' / 'mlflow.db'}")
+    models = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id], output_format="list")
+    assert len(models) == 3  # the final students only, none per trial
+    import torch
+
+    model = mlflow.pytorch.load_model(models[0].model_uri)
+    assert model(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
