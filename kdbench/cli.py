@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 from pathlib import Path
 
 
@@ -15,9 +16,13 @@ def _cmd_run(args) -> int:
 
     cfg = load_study(args.study)
     entries = check_study(cfg, args.study)
+    workers, gpus = _workers(args.workers)
     s = run_study(cfg, entries, out=args.out, report_dir=args.report_dir, tracking_uri=args.tracking_uri,
-                  storage=args.storage, quiet=args.quiet)
+                  storage=args.storage, quiet=args.quiet, worker=args.worker, workers=workers, gpus=gpus)
     uri = mask_secrets(s.paths.tracking_uri)
+    if s.leaderboard is None:
+        print(f"worker done: study {cfg.name!r}, runs at {uri}")
+        return 0
     print(f"\nstudy {cfg.name!r} done (teacher {s.teacher_source})")
     print(f"  leaderboard : {s.leaderboard}")
     print(f"  MLflow runs : {uri}  (experiment {s.experiment!r}, study run {s.parent_run_id})")
@@ -26,6 +31,20 @@ def _cmd_run(args) -> int:
     print(f"  Optuna      : {mask_secrets(s.paths.storage)}  (one study per loss: {cfg.name}.<loss>)")
     print(f"  output dir  : {s.paths.out}")
     return 0
+
+
+def _workers(spec: str) -> tuple[int, list[str]]:
+    """``N`` local processes, or ``auto``: one per visible GPU (one process without a GPU)."""
+    from kdbench.errors import KdbenchError
+
+    if spec == "auto":
+        import torch
+
+        n = torch.cuda.device_count()
+        return max(1, n), [str(i) for i in range(n)]
+    if not spec.isdigit() or int(spec) < 1:
+        raise KdbenchError(f"--workers: a positive number or 'auto', got {spec!r}")
+    return int(spec), []
 
 
 def _cmd_report(args) -> int:
@@ -100,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<out>/mlflow.db)")
     r.add_argument("--storage", help="Optuna storage URL (default sqlite:///<out>/optuna.db)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-run lines")
+    r.add_argument("--workers", default="1", help="local worker processes sharing the study's storage, or 'auto' "
+                   "(one per visible GPU)")
+    r.add_argument("--worker", action="store_true", help="only run trials: join a study whose coordinator (teacher, "
+                   "baseline, confirm, report) runs elsewhere")
     r.set_defaults(func=_cmd_run)
 
     rep = sub.add_parser("report", help="rebuild the leaderboard of a study from its MLflow runs")
@@ -122,18 +145,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the current MLflow run ends KILLED and the Optuna trial FAIL."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
+    import signal
+
     from kdbench.errors import KdbenchError
 
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
     except KdbenchError as e:
         print(f"kdbench: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("kdbench: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print("kdbench: terminated" if isinstance(e, Terminated) else "kdbench: interrupted", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":

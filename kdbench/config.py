@@ -177,6 +177,9 @@ class SweepConfig(StrictModel):
     metric: Literal["val_acc"] = "val_acc"
     #: which epoch's score counts: the last, or the one with the best validation accuracy
     select: Literal["last", "best"] = "last"
+    #: seconds between heartbeats of running trials (RDB storages); a trial silent for 3 intervals is failed and
+    #: retried, and a coordinator silent that long loses its role
+    heartbeat: PositiveInt = 10
 
 
 class ConfirmConfig(StrictModel):

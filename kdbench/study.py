@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -17,7 +20,6 @@ from typing import Any, Iterator, Optional
 import optuna
 import torch
 import yaml
-from tqdm.auto import tqdm
 
 import kdbench
 from kdbench import tracking as tk
@@ -26,6 +28,7 @@ from kdbench.config import StudyConfig
 from kdbench.data import DataBundle, load_data
 from kdbench.errors import KdbenchError
 from kdbench.models import create_model
+from kdbench.progress import Progress
 from kdbench.teacher import TeacherInfo, default_cache_dir, get_teacher, load_state
 from kdbench.train import (
     DistillObjective,
@@ -37,6 +40,7 @@ from kdbench.train import (
     resolve_device,
 )
 from kdbench.validate import ResolvedEntry
+from kdbench.workers import CoordinatorLease, TrialFailed, has_heartbeat, make_storage, open_sweep, pending, run_slots
 
 BASELINE = "ce"  # the leaderboard key of the CE-only student
 
@@ -66,7 +70,7 @@ class StudySummary:
     paths: StudyPaths
     experiment: str
     parent_run_id: str
-    leaderboard: Path
+    leaderboard: Optional[Path]  # None for a worker: the coordinator writes the report
     teacher_source: str
 
 
@@ -84,41 +88,12 @@ def git_commit() -> str:
         return "unknown"
 
 
-class Progress:
-    """A bar over all runs of the study and one over the epochs of the current run (hidden when not a TTY);
-    one line per finished run either way unless quiet."""
-
-    def __init__(self, total_runs: int, quiet: bool):
-        self.quiet = quiet
-        self.runs = tqdm(total=total_runs, desc="runs", unit="run", disable=True if quiet else None, position=0)
-        self.epochs: Optional[tqdm] = None
-
-    def start(self, desc: str, epochs: int) -> None:
-        self.epochs = tqdm(total=epochs, desc=desc, unit="ep", leave=False, disable=True if self.quiet else None,
-                           position=1)
-
-    def epoch(self) -> None:
-        if self.epochs is not None:
-            self.epochs.update()
-
-    def done(self, line: str) -> None:
-        if self.epochs is not None:
-            self.epochs.close()
-            self.epochs = None
-        self.runs.update()
-        self.say(line)
-
-    def say(self, line: str) -> None:
-        if not self.quiet:
-            tqdm.write(line)
-
-    def close(self) -> None:
-        self.runs.close()
-
-
 class StudyRunner:
-    def __init__(self, cfg: StudyConfig, entries: list[ResolvedEntry], paths: StudyPaths, quiet: bool = False):
+    def __init__(self, cfg: StudyConfig, entries: list[ResolvedEntry], paths: StudyPaths, quiet: bool = False,
+                 worker: bool = False, workers: int = 1, gpus: Optional[list[str]] = None):
         self.cfg, self.entries, self.paths, self.quiet = cfg, entries, paths, quiet
+        self.worker_only, self.workers, self.gpus = worker, workers, gpus or []
+        self.coordinator = False
         self.experiment = cfg.tracking.experiment or cfg.name
         seeds = cfg.confirm.seed_list
         per_student = 1 + cfg.sweep.trials * len(entries) + (1 + len(entries)) * len(seeds)
@@ -222,7 +197,7 @@ class StudyRunner:
         cache = Path(t.cache_dir) if t.cache_dir else self.paths.cache_dir
         get = lambda **kw: get_teacher(t, data, self.device, cfg.train.precision, cache, cfg.data.augment, **kw)  # noqa: E731
         self.progress.start(name, t.epochs)
-        if self._finished(role="teacher", **{"kdbench.teacher_index": index}):
+        if not self.coordinator or self._finished(role="teacher", **{"kdbench.teacher_index": index}):
             model, info = get()
             self.progress.done(f"{name}: {info.source}, test_acc {info.test_acc:.4f}")
             return model, info
@@ -303,17 +278,12 @@ class StudyRunner:
                                            n_warmup_steps=s.pruner_warmup_epochs)
 
     def _load_optuna(self, entry: ResolvedEntry, st) -> optuna.Study:
-        return optuna.create_study(study_name=optuna_study_name(self.cfg, entry.key, st.key), storage=self.paths.storage,
-                                   sampler=self._sampler(), pruner=self._pruner(), direction="maximize",
-                                   load_if_exists=True)
+        return open_sweep(self.storage, optuna_study_name(self.cfg, entry.key, st.key), self._sampler(),
+                          self._pruner(), self.cfg.sweep.trials, entry.first_trial())
 
     def _sweep(self, entry: ResolvedEntry, data: DataBundle, st) -> None:
         cfg = self.cfg
         study = self._load_optuna(entry, st)
-        if not study.trials:
-            study.enqueue_trial(entry.first_trial(), user_attrs={"kdbench.paper_defaults": True})
-        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-        remaining = cfg.sweep.trials - len(study.get_trials(deepcopy=False, states=finished))
 
         def objective(trial: optuna.Trial) -> float:
             searched = {k: spec.suggest(trial, k) for k, spec in entry.space.items()}
@@ -332,19 +302,21 @@ class StudyRunner:
                 except NonFiniteLoss as e:
                     trial.set_user_attr("kdbench.reason", str(e))
                     raise optuna.TrialPruned(str(e)) from None
+                except torch.cuda.OutOfMemoryError as e:
+                    torch.cuda.empty_cache()  # the study goes on with the next trial
+                    raise TrialFailed(f"CUDA out of memory: {str(e).splitlines()[0]}") from None
                 score = result.selected(cfg.sweep.select).val_acc
                 self.tracker.set_tags(run_id, {tk.STATE: "COMPLETE"})
             return score
 
-        def report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        def report(trial: optuna.trial.FrozenTrial) -> None:
             shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in trial.params.items()}
             value = f"val_acc {trial.value:.4f}" if trial.value is not None else ""
             if trial.state != optuna.trial.TrialState.COMPLETE:
                 value = f"{trial.state.name.lower()} ({trial.user_attrs.get('kdbench.reason', '')}) {value}"
             self.progress.done(f"{self._who(st)}{entry.key} trial {trial.number}: {value} {shown}")
 
-        if remaining > 0:
-            study.optimize(objective, n_trials=remaining, callbacks=[report])
+        run_slots(study, objective, report)
 
     def _confirm(self, data: DataBundle, st) -> None:
         cfg = self.cfg
@@ -398,6 +370,59 @@ class StudyRunner:
         self.tracker.set_tags(self.parent, {f"kdbench.best.{tk.safe_key(st.key)}.{tk.safe_key(key)}": run_id})
 
     # -- the whole study ----------------------------------------------------------------------------------------
+    def _attach_parent(self) -> None:
+        """A worker joins the study run its coordinator created (waiting for it a while)."""
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            runs = [r for r in self.tracker.find(role="study", study=self.cfg.name)
+                    if r.data.tags.get(tk.CONFIG_HASH) == self.cfg.fingerprint()]
+            if runs:
+                self.parent = runs[0].info.run_id
+                return
+            time.sleep(2)
+        raise KdbenchError(f"no coordinator created the study run of {self.cfg.name!r} within 10 minutes")
+
+    def _sweep_orphans(self) -> None:
+        """Runs left RUNNING by a dead process become KILLED: a trial's run once its Optuna trial is no longer
+        RUNNING (a dead worker's trial is failed when its heartbeat goes stale), any other child run at once (only
+        the coordinator, whose lease this process now holds, runs those)."""
+        studies: dict[str, optuna.Study] = {}
+        for run in self.tracker.find(parent=self.parent):
+            if run.info.status != "RUNNING":
+                continue
+            tags = run.data.tags
+            if tags.get(tk.ROLE) == "trial":
+                name = tags.get(tk.OPTUNA_STUDY)
+                if name not in studies:
+                    studies[name] = optuna.load_study(study_name=name, storage=self.storage)
+                    pending(studies[name])
+                number = int(tags.get(tk.TRIAL, -1))
+                states = [t.state for t in studies[name].get_trials(deepcopy=False) if t.number == number]
+                if states and states[0] == optuna.trial.TrialState.RUNNING:
+                    continue
+                self.tracker.set_tags(run.info.run_id, {tk.STATE: "FAIL", "kdbench.error": "its process died"})
+            self.tracker.end_run(run.info.run_id, "KILLED")
+
+    def _wait_for_trials(self) -> None:
+        """Until no sweep has WAITING or RUNNING trials (other workers', or stale ones being failed)."""
+        studies = [self._load_optuna(e, st) for st in self.cfg.students for e in self.entries]
+        while sum(pending(s) for s in studies):
+            time.sleep(min(5.0, max(1.0, self.cfg.sweep.heartbeat / 2)))
+
+    def _spawn_workers(self) -> list[subprocess.Popen]:
+        """``--workers N``: N − 1 more local processes join the sweeps (this one is the first); with GPUs, one
+        per GPU through CUDA_VISIBLE_DEVICES."""
+        procs = []
+        for i in range(1, self.workers):
+            env = dict(os.environ)
+            if self.gpus:
+                env["CUDA_VISIBLE_DEVICES"] = self.gpus[i % len(self.gpus)]
+            cmd = [sys.executable, "-m", "kdbench.cli", "run", str(self.paths.out / "study.yaml"), "--worker", "-q",
+                   "--out", str(self.paths.out), "--report-dir", str(self.paths.report_dir),
+                   "--tracking-uri", self.paths.tracking_uri, "--storage", self.paths.storage]
+            procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
+        return procs
+
     def run(self) -> StudySummary:
         from kdbench.report import write_report
 
@@ -412,32 +437,66 @@ class StudyRunner:
                 load_state(create_model(t.model, data.num_classes, data.in_chans, t.kwargs), Path(t.checkpoint),
                            f"{field}.checkpoint", t.model)
         paths.out.mkdir(parents=True, exist_ok=True)
-        self.tracker = tk.Tracker(paths.tracking_uri, self.experiment, artifact_dir=paths.out / "artifacts")
-        self._open_parent()
+        self.storage = make_storage(paths.storage, cfg.sweep.heartbeat)
+        self.tracker = tk.Tracker(paths.tracking_uri, self.experiment,
+                                  artifact_dir=None if "://" in paths.tracking_uri.removeprefix("sqlite:///")
+                                  else paths.out / "artifacts")
+        lease = CoordinatorLease(paths.storage, cfg.name, cfg.sweep.heartbeat)
+        if self.worker_only:
+            self.coordinator = False
+        else:  # RDB: whoever holds the lease; a journal file (no heartbeats): the process not started as --worker
+            self.coordinator = lease.claim() if has_heartbeat(self.storage) else True
+        procs: list[subprocess.Popen] = []
+        board: Optional[Path] = None
         try:
+            if self.coordinator:
+                self._open_parent()
+                self._sweep_orphans()
+            else:
+                self._attach_parent()
+                self.progress.say(f"joining study {cfg.name!r} as a worker (MLflow run {self.parent})")
             infos = self._teachers(data)
             if not cfg.data.augment:  # inputs are the same every epoch: one teacher pass serves the whole study
                 self.provider.precompute(data.student_train.x.to(self.device), self._teacher_needs())
-            self.tracker.set_tags(self.parent, {"kdbench.teacher_outputs": self.provider.mode})
+            if self.coordinator:
+                self.tracker.set_tags(self.parent, {"kdbench.teacher_outputs": self.provider.mode})
+                procs = self._spawn_workers()  # after the teachers: the workers find them in the cache
             for st in cfg.students:
-                self._baseline(data, st)
+                if self.coordinator:
+                    self._baseline(data, st)
                 for entry in self.entries:
                     self._sweep(entry, data, st)
-                self._confirm(data, st)
-        except KeyboardInterrupt:
-            self.tracker.end_run(self.parent, "KILLED")
+            if self.coordinator:
+                self._wait_for_trials()
+                self._sweep_orphans()
+                for st in cfg.students:
+                    self._confirm(data, st)
+            if self.coordinator:
+                for p in procs:
+                    p.wait()
+                self.tracker.end_run(self.parent, "FINISHED")
+                board = write_report(self.tracker, self.parent, paths.report_dir)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: this process's runs end KILLED
+            self._end_parent("KILLED")
+            for p in procs:
+                p.terminate()
             raise
         except BaseException:
-            self.tracker.end_run(self.parent, "FAILED")
+            self._end_parent("FAILED")
             raise
         finally:
             self.progress.close()
-        self.tracker.end_run(self.parent, "FINISHED")
-        board = write_report(self.tracker, self.parent, paths.report_dir)
+            if self.coordinator:
+                lease.release()
         return StudySummary(paths, self.experiment, self.parent, board, ", ".join(i.source for i in infos))
+
+    def _end_parent(self, status: str) -> None:
+        if self.coordinator and self.parent:
+            self.tracker.end_run(self.parent, status)
 
 
 def run_study(cfg: StudyConfig, entries: list[ResolvedEntry], out=None, report_dir=None, tracking_uri=None,
-              storage=None, quiet: bool = False) -> StudySummary:
+              storage=None, quiet: bool = False, worker: bool = False, workers: int = 1,
+              gpus: Optional[list[str]] = None) -> StudySummary:
     paths = StudyPaths.resolve(cfg, out, report_dir, tracking_uri, storage)
-    return StudyRunner(cfg, entries, paths, quiet=quiet).run()
+    return StudyRunner(cfg, entries, paths, quiet=quiet, worker=worker, workers=workers, gpus=gpus).run()
