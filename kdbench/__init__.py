@@ -6,6 +6,7 @@ Public API: :func:`create_loss`, :func:`list_losses`, :class:`Outputs` (the loss
 __version__ = "0.1.0"
 
 from kdbench.losses import Outputs, create_loss, list_losses  # noqa: E402
+from kdbench import models  # noqa: E402,F401  (registers the cifar_* models into timm's registry)
 
 
 def run_study(path, **kwargs):

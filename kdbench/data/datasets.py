@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -15,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
+from kdbench.data import readers
+from kdbench.data.readers import RawData
 from kdbench.errors import KdbenchError
 
 
@@ -60,16 +63,70 @@ class DataBundle:
         }
 
 
-def _digits() -> tuple[np.ndarray, np.ndarray, bool]:
+def _digits(cfg) -> RawData:
     from sklearn.datasets import load_digits
 
     d = load_digits()  # ships with scikit-learn: no download
     x = d.images.astype(np.float32)[:, None] / 16.0  # (1797, 1, 8, 8) in [0, 1]
-    return x, d.target.astype(np.int64), False
+    return RawData(x, d.target.astype(np.int64), 10, hflip=False)
 
 
-#: dataset name -> loader returning images (N, C, H, W) in [0, 1], labels (N,), whether h-flip is label-preserving
-DATASETS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray, bool]]] = {"digits": _digits}
+def data_root(cfg) -> Path:
+    if cfg.root is None:
+        what = readers.expected_files(cfg.dataset) if cfg.dataset in readers.SPECS else "<class>/<images>"
+        raise KdbenchError(f"data.root: data set {cfg.dataset!r} is read from files: set data.root to the folder "
+                           f"holding {what}")
+    return Path(cfg.root).expanduser()
+
+
+def _from_files(dataset: str, read: Callable[[str, Path], RawData]) -> Callable[..., RawData]:
+    def load(cfg) -> RawData:
+        root = data_root(cfg)
+        if cfg.download:
+            try:
+                readers.locate(dataset, root)
+            except KdbenchError:
+                readers.download(dataset, root)
+        return read(dataset, root)
+    return load
+
+
+NO_FOLDER_DOWNLOAD = "data.download: an image folder cannot be downloaded; remove data.download"
+
+
+def _image_folder(cfg) -> RawData:
+    if cfg.download:
+        raise KdbenchError(NO_FOLDER_DOWNLOAD)
+    return readers.read_image_folder(data_root(cfg), cfg.image_size)
+
+
+#: dataset name -> loader taking the study's ``DataConfig`` and returning :class:`RawData` (images in [0, 1])
+DATASETS: dict[str, Callable[..., RawData]] = {
+    "digits": _digits,
+    "cifar10": _from_files("cifar10", readers.read_cifar),
+    "cifar100": _from_files("cifar100", readers.read_cifar),
+    "mnist": _from_files("mnist", readers.read_mnist),
+    "fashion_mnist": _from_files("fashion_mnist", readers.read_mnist),
+    "imagefolder": _image_folder,
+}
+#: data sets read from files under ``data.root``
+FILE_DATASETS = frozenset(readers.SPECS) | {"imagefolder"}
+
+
+def check_data_root(cfg) -> None:
+    """For ``kdbench validate``: a file-based data set's ``data.root`` holds its files (or they will be
+    downloaded); one-line errors naming ``data.root`` and the files expected. Reads no images."""
+    if cfg.dataset not in FILE_DATASETS:
+        if cfg.root is not None:
+            raise KdbenchError(f"data.root: data set {cfg.dataset!r} is not read from files; remove data.root")
+        return
+    root = data_root(cfg)
+    if cfg.dataset == "imagefolder":
+        if cfg.download:
+            raise KdbenchError(NO_FOLDER_DOWNLOAD)
+        readers.image_folder_classes(root)
+    elif not cfg.download:
+        readers.locate(cfg.dataset, root)
 
 
 def _split(y: np.ndarray, fractions: tuple[float, float, float], seed: int):
@@ -78,6 +135,13 @@ def _split(y: np.ndarray, fractions: tuple[float, float, float], seed: int):
     rest, test = train_test_split(idx, test_size=test_f, stratify=y, random_state=seed)
     train, val = train_test_split(rest, test_size=val_f / (train_f + val_f), stratify=y[rest], random_state=seed)
     return np.sort(train), np.sort(val), np.sort(test)
+
+
+def _resize(x: np.ndarray, size: int) -> torch.Tensor:
+    xt = torch.from_numpy(x)
+    if xt.shape[-1] != size or xt.shape[-2] != size:
+        xt = F.interpolate(xt, size=(size, size), mode="bilinear", align_corners=False)
+    return xt
 
 
 def student_labels(y_train: np.ndarray, fraction: float, noise: float, num_classes: int, seed: int):
@@ -101,34 +165,53 @@ def student_labels(y_train: np.ndarray, fraction: float, noise: float, num_class
 
 
 def load_data(cfg) -> DataBundle:
-    """Build the data set described by a study's ``data`` section (a ``kdbench.config.DataConfig``)."""
+    """Build the data set described by a study's ``data`` section (a ``kdbench.config.DataConfig``).
+
+    Without an official test split, ``splits`` divides all images (stratified). With one (CIFAR, MNIST, an image
+    folder with train/ and test/), the official test set is the test split and val is a stratified
+    ``splits.val / (splits.train + splits.val)`` of the official training set; ``splits.test`` is then unused.
+    Each channel is normalised with the mean and std of the training split."""
     try:
         loader = DATASETS[cfg.dataset]
     except KeyError:
         raise KdbenchError(f"data.dataset: unknown data set {cfg.dataset!r}; known: {sorted(DATASETS)}") from None
-    x, y, hflip = loader()
-    num_classes = int(y.max()) + 1
-    xt = torch.from_numpy(x)
-    if xt.shape[-1] != cfg.image_size or xt.shape[-2] != cfg.image_size:
-        xt = F.interpolate(xt, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False)
-    s = cfg.splits
-    tr, va, te = _split(y, (s.train, s.val, s.test), cfg.seed)
-    # normalise with training-split statistics only
-    mean, std = xt[tr].mean(), xt[tr].std()
-    xt = (xt - mean) / std
+    raw = loader(cfg)
+    y, s = raw.y, cfg.splits
+    xt = _resize(raw.x, cfg.image_size)
     yt = torch.from_numpy(y)
+    if raw.x_test is None:
+        tr, va, te = _split(y, (s.train, s.val, s.test), cfg.seed)
+        x_test, y_test = xt[te], yt[te]
+    else:
+        tr, va = train_test_split(np.arange(len(y)), test_size=s.val / (s.train + s.val), stratify=y,
+                                  random_state=cfg.seed)
+        tr, va = np.sort(tr), np.sort(va)
+        x_test, y_test = _resize(raw.x_test, cfg.image_size), torch.from_numpy(raw.y_test)
     train = TensorSet(xt[tr].contiguous(), yt[tr].contiguous())
+    val = TensorSet(xt[va].contiguous(), yt[va].contiguous())
+    test = TensorSet(x_test.contiguous(), y_test.contiguous())
+    num_classes, hflip = raw.num_classes, raw.hflip
+    del xt, raw  # the splits are copies: let the full array go before normalising
+    # per-channel statistics of the training split only; one channel at a time keeps no full-size temporaries
+    for c in range(train.x.shape[1]):
+        mean, std = train.x[:, c].mean(), train.x[:, c].std()
+        std = std if std > 0 else torch.ones_like(std)  # a constant channel: centre it only
+        for part in (train, val, test):
+            part.x[:, c].sub_(mean).div_(std)
     pos, ys, flipped = student_labels(y[tr], cfg.student_fraction, cfg.student_label_noise, num_classes, cfg.seed)
-    student = TensorSet(train.x[pos].contiguous(), torch.from_numpy(ys))
-    fingerprint = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+    # the student sees every training image when fraction is 1: share the tensor rather than copy it
+    student_x = train.x if len(pos) == len(train) else train.x[pos].contiguous()
+    student = TensorSet(student_x, torch.from_numpy(ys))
+    body = cfg.model_dump(mode="json", exclude={"download"})  # where the files came from does not change them
+    fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
     return DataBundle(
         name=cfg.dataset,
         num_classes=num_classes,
-        in_chans=int(xt.shape[1]),
+        in_chans=int(train.x.shape[1]),
         image_size=cfg.image_size,
         train=train,
-        val=TensorSet(xt[va].contiguous(), yt[va].contiguous()),
-        test=TensorSet(xt[te].contiguous(), yt[te].contiguous()),
+        val=val,
+        test=test,
         student_train=student,
         student_index=pos,
         noisy_mask=flipped,

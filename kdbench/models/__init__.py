@@ -8,6 +8,7 @@ import timm
 import torch
 
 from kdbench.errors import KdbenchError
+from kdbench.models import cifar  # noqa: F401  registers the cifar_* models in timm's registry
 from kdbench.outputs import Outputs
 
 
