@@ -45,7 +45,9 @@ def make_storage(url: str, heartbeat: int, max_retry: Optional[int] = 2) -> optu
 
 
 def has_heartbeat(storage) -> bool:
-    return isinstance(storage, RDBStorage) and storage.heartbeat_interval is not None
+    """Whether ``storage`` (or the cache layer a study wraps it in) records heartbeats."""
+    interval = getattr(storage, "get_heartbeat_interval", None)
+    return callable(interval) and interval() is not None
 
 
 class Heartbeat:
@@ -62,7 +64,7 @@ class Heartbeat:
                 self.storage.record_heartbeat(self.trial_id)
             except Exception:  # a transient database error must not kill the trial
                 pass
-            self.stop.wait(self.storage.heartbeat_interval)
+            self.stop.wait(self.storage.get_heartbeat_interval())
 
     def __enter__(self) -> "Heartbeat":
         if has_heartbeat(self.storage):

@@ -1,0 +1,109 @@
+"""Benchmark 2: student training throughput through ``kdbench.train.fit``: CE only vs KD with a cached teacher vs KD
+with a live teacher.
+
+Synthetic 32×32 RGB images; timm ``test_resnet`` student, ``resnet18`` teacher (random weights: speed does not
+depend on them). Modes are run in rotating order within each repetition, and ratios are taken within a repetition.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+import common
+from kdbench.config import Recipe
+from kdbench.data import TensorSet
+from kdbench.losses import create_loss, load_card
+from kdbench.models import count_params, create_model
+from kdbench.train import CEObjective, DistillObjective, TeacherProvider, fit
+
+STUDENT, TEACHER = "test_resnet", "resnet18"
+MODES = ("ce", "kd_cached", "kd_live")
+GOAL = 1.10
+
+
+def run(args) -> common.Section:
+    device = common.setup(args)
+    n, classes, bs = (512, 100, 128) if args.quick else (2048, 100, 128)
+    reps = 1 if args.quick else 7
+    gen = torch.Generator().manual_seed(0)
+    train = TensorSet(torch.randn(n, 3, 32, 32, generator=gen), torch.randint(0, classes, (n,), generator=gen))
+    # a one-batch validation set: fit evaluates every epoch, and that time is inside EpochStats.seconds
+    val = TensorSet(torch.randn(64, 3, 32, 32, generator=gen), torch.randint(0, classes, (64,), generator=gen))
+    recipe = Recipe(epochs=1, batch_size=bs, optimizer="sgd", lr=0.05)
+    torch.manual_seed(0)
+    teacher = create_model(TEACHER, classes, 3).to(device)
+    cached = TeacherProvider([teacher])
+    common.sync(device)
+    t0 = time.perf_counter()
+    cached.precompute(train.x.to(device))  # what the study does when inputs are the same every epoch
+    common.sync(device)
+    precompute_s = time.perf_counter() - t0
+    live = TeacherProvider([teacher])
+    kd_params = load_card("kd").defaults
+
+    def one(mode: str, data: TensorSet) -> float:
+        torch.manual_seed(0)
+        student = create_model(STUDENT, classes, 3)
+        if mode == "ce":
+            objective = CEObjective()
+        else:
+            objective = DistillObjective(create_loss("kd", **kd_params), cached if mode == "kd_cached" else live,
+                                         alpha=0.9)
+        res = fit(student, data, val, recipe, device=device, objective=objective, num_classes=classes)
+        steps = len(data) // bs
+        return steps * bs / res.history[-1].seconds
+
+    # warm-up: allocator, kernels and autograd paths of every mode, on the first two batches (positions 0..2bs-1
+    # are also valid rows of the cache)
+    warm = TensorSet(train.x[: 2 * bs], train.y[: 2 * bs])
+    for m in MODES:
+        one(m, warm)
+    per_mode: dict[str, list[float]] = {m: [] for m in MODES}
+    ratios: dict[str, list[float]] = {m: [] for m in MODES}
+    for r in range(reps):
+        order = MODES[r % 3:] + MODES[: r % 3]  # rotate so no mode always runs first after a pause
+        got = {m: one(m, train) for m in order}
+        for m in MODES:
+            per_mode[m].append(got[m])
+            ratios[m].append(got["ce"] / got[m])  # step-time ratio = inverse throughput ratio
+    med = {m: common.median(v) for m, v in per_mode.items()}
+    rat = {m: common.median(v) for m, v in ratios.items()}
+    rows = [(m, f"{med[m]:.0f}", ", ".join(f"{x:.0f}" for x in per_mode[m]), f"{1e3 * bs / med[m]:.1f}",
+             f"{rat[m]:.3f}", f"{min(ratios[m]):.3f}–{max(ratios[m]):.3f}") for m in MODES]
+    saved = n / med["kd_live"] - n / med["kd_cached"]  # seconds per epoch the cache saves
+    s_params = count_params(create_model(STUDENT, classes, 3))
+    t_params = count_params(teacher)
+    body = [
+        f"`kdbench.train.fit` on {n} synthetic 3×32×32 images, {classes} classes, batch {bs} ({n // bs} steps per "
+        f"epoch), SGD, fp32, device `{device}`, {args.threads} thread(s). Student timm `{STUDENT}` "
+        f"({s_params / 1e6:.2f}M params), teacher timm `{TEACHER}` ({t_params / 1e6:.2f}M params). "
+        "Modes: `ce` = `CEObjective`; `kd_cached` = `DistillObjective(create_loss('kd'), TeacherProvider([teacher]), "
+        "alpha=0.9)` after `provider.precompute(train.x)`; `kd_live` = the same without the precompute (teacher "
+        "forward in eval mode under no_grad every step).",
+        "",
+        f"Throughput = training images of one epoch / `EpochStats.seconds` (that time includes evaluating a 64-image "
+        f"validation set once). {reps} repetition(s) of one 1-epoch `fit` per mode, modes in rotating order, after a "
+        f"warm-up `fit` per mode; `× CE step` is the median over repetitions of (CE images/s ÷ mode images/s) "
+        "within the same repetition.",
+        "",
+        common.table(["mode", "images/s (median)", "images/s (each rep)", "ms per step", "× CE step",
+                      "× CE range"], rows),
+        "",
+        f"One-time teacher pass for the cache (`precompute`, {n} images): {precompute_s:.2f} s "
+        f"({n / precompute_s:.0f} images/s)" + (
+            f" — paid back after {precompute_s / saved:.2f} epochs of the live-minus-cached difference." if saved > 0
+            else "."),
+    ]
+    if args.quick:
+        body += ["", "_Quick mode: 512 images, one repetition._"]
+    goals = [
+        common.Goal(f"KD step with cached teacher ≤ {GOAL:.2f}× the CE-only step", rat["kd_cached"] <= GOAL,
+                    f"{rat['kd_cached']:.3f}× (range {min(ratios['kd_cached']):.3f}–{max(ratios['kd_cached']):.3f}); "
+                    f"live teacher {rat['kd_live']:.2f}×"),
+    ]
+    return common.Section("2. Student training step: CE vs KD (cached / live teacher)", "\n".join(body), goals)
+
+
+if __name__ == "__main__":
+    common.main_alone(run, __doc__.splitlines()[0])
