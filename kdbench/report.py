@@ -194,10 +194,17 @@ def incomplete(runs: pd.DataFrame, boards: dict, params: dict, status: str) -> l
                 notes.append(f"`{r.loss}`{who}: {done} of {planned_trials} trials finished")
             if r.seeds < seeds:
                 notes.append(f"`{r.loss}`{who}: {r.seeds} of {seeds} confirm seeds finished")
-    left = runs[runs.status.isin(["RUNNING", "FAILED", "KILLED"])]
-    for status_name, n in left.status.value_counts().sort_index().items():
-        notes.append(f"{n} run(s) {status_name}")
+    running = int((runs.status == "RUNNING").sum())
+    if running:
+        notes.append(f"{running} run(s) still RUNNING")
     return notes
+
+
+def failures(runs: pd.DataFrame) -> list[str]:
+    """Runs that ended FAILED or KILLED (a dead worker's trial is retried, so the study can still be complete)."""
+    ended = runs[runs.status.isin(["FAILED", "KILLED"])]
+    return [f"{n} {role} run(s) {status}" for (role, status), n in
+            ended.groupby(["role", "status"]).size().sort_index().items()]
 
 
 def render(boards: dict, runs: pd.DataFrame, tags: dict, p: dict, tracking_uri: str, experiment: str,
@@ -234,6 +241,9 @@ def render(boards: dict, runs: pd.DataFrame, tags: dict, p: dict, tracking_uri: 
     notes = incomplete(runs, boards, p, tags.get("_status", "?"))
     if notes:
         lines += ["**Incomplete**: " + "; ".join(notes) + ". The rows above count only what finished.", ""]
+    failed = failures(runs)
+    if failed:
+        lines += ["**Failed or killed**: " + "; ".join(failed) + " (counted in the trials column, never twice).", ""]
     if figures:
         lines += ["## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
     return "\n".join(lines)

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -43,6 +44,7 @@ from kdbench.validate import ResolvedEntry
 from kdbench.workers import CoordinatorLease, TrialFailed, has_heartbeat, make_storage, open_sweep, pending, run_slots
 
 BASELINE = "ce"  # the leaderboard key of the CE-only student
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass
@@ -290,7 +292,7 @@ class StudyRunner:
             values = entry.values(searched)
             tags = self._tags("trial", **{tk.LOSS: entry.key, tk.LOSS_NAME: entry.name, tk.SEED: cfg.sweep.seed,
                                           tk.OPTUNA_STUDY: study.study_name, tk.TRIAL: trial.number,
-                                          tk.STUDENT: st.key})
+                                          tk.STUDENT: st.key, "kdbench.worker": WORKER_ID})
             desc = f"{self._who(st)}{entry.key} trial {trial.number}"
             with self._child(desc, tags, params={"run.loss": entry.name, "run.student": st.model,
                                                  "run.seed": cfg.sweep.seed, **values}) as run_id:
@@ -403,11 +405,15 @@ class StudyRunner:
                 self.tracker.set_tags(run.info.run_id, {tk.STATE: "FAIL", "kdbench.error": "its process died"})
             self.tracker.end_run(run.info.run_id, "KILLED")
 
-    def _wait_for_trials(self) -> None:
-        """Until no sweep has WAITING or RUNNING trials (other workers', or stale ones being failed)."""
+    def _finish_sweeps(self, data: DataBundle) -> None:
+        """Until no sweep has WAITING or RUNNING trials: other workers' trials finish, stale ones are failed and
+        their retried copies run here."""
         studies = [self._load_optuna(e, st) for st in self.cfg.students for e in self.entries]
         while sum(pending(s) for s in studies):
             time.sleep(min(5.0, max(1.0, self.cfg.sweep.heartbeat / 2)))
+            for st in self.cfg.students:
+                for entry in self.entries:
+                    self._sweep(entry, data, st)
 
     def _spawn_workers(self) -> list[subprocess.Popen]:
         """``--workers N``: N − 1 more local processes join the sweeps (this one is the first); with GPUs, one
@@ -467,7 +473,7 @@ class StudyRunner:
                 for entry in self.entries:
                     self._sweep(entry, data, st)
             if self.coordinator:
-                self._wait_for_trials()
+                self._finish_sweeps(data)
                 self._sweep_orphans()
                 for st in cfg.students:
                     self._confirm(data, st)

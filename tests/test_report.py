@@ -122,7 +122,7 @@ def test_interrupted_study_reports_what_finished(tmp_path):
     text = write_report(tr, parent, tmp_path / "rep", figures=False).read_text()
     line = next(ln for ln in text.splitlines() if ln.startswith("**Incomplete**"))
     assert "the study run is RUNNING" in line and "`kd`: 2 of 3 confirm seeds finished" in line
-    assert "1 run(s) KILLED" in line
+    assert "1 trial run(s) KILLED" in text
     board = leaderboard(runs_frame(tr, parent)).set_index("loss")
     assert board.seeds["kd"] == 2 and board.failed["kd"] == 1 and board.test_acc["kd"] == pytest.approx(0.91)
 

@@ -1,0 +1,200 @@
+"""Several processes on one study, real servers, and a worker killed with SIGKILL in the middle of a trial."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from kdbench.cli import main
+
+HERE = Path(__file__).parent
+
+
+def study(name, trials=4, epochs=2, heartbeat=10, **extra):
+    return {
+        "name": name,
+        "data": {"image_size": 16, "student_fraction": 0.25},
+        "teacher": {"model": "test_resnet", "epochs": 2},
+        "student": {"model": "test_resnet"},
+        "train": {"epochs": epochs, "batch_size": 32, "device": "cpu"},
+        "losses": ["kd"],
+        "sweep": {"trials": trials, "heartbeat": heartbeat, "pruner": "none"},
+        "confirm": {"seeds": 1, "log_model": False},
+        **extra,
+    }
+
+
+def kdbench(*args, cwd, **kw):
+    return subprocess.Popen([sys.executable, "-m", "kdbench.cli", *args], cwd=cwd, start_new_session=True, **kw)
+
+
+def check_exact(storage, name, n, mlflow_uri):
+    """Exactly n finished trials (COMPLETE or PRUNED), no number twice, one MLflow trial run per trial number."""
+    trials = optuna.load_study(study_name=f"{name}.kd", storage=storage).trials
+    finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert len(finished) == n
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))
+    c = MlflowClient(tracking_uri=mlflow_uri)
+    exp = c.get_experiment_by_name(name)
+    runs = [r for r in c.search_runs([exp.experiment_id], max_results=1000) if r.data.tags["kdbench.role"] == "trial"]
+    by_number = {}
+    for r in runs:
+        by_number.setdefault(int(r.data.tags["optuna.trial_number"]), []).append(r)
+    assert sorted(by_number) == sorted(numbers) and all(len(v) == 1 for v in by_number.values())
+    return trials, by_number
+
+
+def test_two_local_workers_finish_exactly_n_trials(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(study("w", trials=6)))
+    assert main(["run", "w.yaml", "--workers", "2", "-q"]) == 0
+    out = tmp_path / "runs" / "w"
+    trials, runs = check_exact(f"sqlite:///{out / 'optuna.db'}", "w", 6, f"sqlite:///{out / 'mlflow.db'}")
+    assert len(trials) == 6  # no overshoot: the slots were claimed, not created
+    workers = {r[0].data.tags["kdbench.worker"] for r in runs.values()}
+    assert 1 <= len(workers) <= 2
+    assert "| 1 " in (tmp_path / "reports" / "w" / "LEADERBOARD.md").read_text()
+
+
+def test_worker_killed_mid_trial_then_resumed(tmp_path):
+    (tmp_path / "k.yaml").write_text(yaml.safe_dump(study("k", trials=3, epochs=30, heartbeat=1)))
+    out = tmp_path / "runs" / "k"
+    storage = f"sqlite:///{out / 'optuna.db'}"
+    env = dict(os.environ, KDBENCH_CACHE_DIR=os.environ["KDBENCH_CACHE_DIR"])
+    proc = kdbench("run", "k.yaml", "-q", cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, killed_number = time.monotonic() + 180, None
+    while time.monotonic() < deadline and killed_number is None:
+        time.sleep(0.5)
+        try:
+            s = optuna.load_study(study_name="k.kd", storage=storage)
+        except Exception:
+            continue
+        running = [t for t in s.trials if t.state == optuna.trial.TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
+        if running:
+            time.sleep(1.5)  # well inside the trial (30 epochs)
+            killed_number = running[0].number
+    assert killed_number is not None, "no trial started"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # run again: it takes over the dead coordinator's lease, waits for the killed trial to go stale, retries it
+    again = subprocess.run([sys.executable, "-m", "kdbench.cli", "run", "k.yaml", "-q"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    trials, runs = check_exact(storage, "k", 3, f"sqlite:///{out / 'mlflow.db'}")
+    killed = next(t for t in trials if t.number == killed_number)
+    assert killed.state == optuna.trial.TrialState.FAIL
+    killed_run = runs[killed_number][0]
+    assert killed_run.info.status in ("KILLED", "FAILED") and killed_run.data.tags["kdbench.trial_state"] == "FAIL"
+    text = (tmp_path / "reports" / "k" / "LEADERBOARD.md").read_text()
+    row = next(ln for ln in text.splitlines() if ln.startswith("| 1 ") and "`kd`" in ln or
+               ln.startswith("| 2 ") and "`kd`" in ln)
+    assert "| 3/0/1 " in row  # 3 finished, the killed one failed once, nothing counted twice
+    assert "Incomplete" not in text and "**Failed or killed**: 1 trial run(s) KILLED" in text
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_server_as_tracking_uri(tmp_path, monkeypatch):
+    port = _free_port()
+    exe = Path(sys.executable).parent / "mlflow"
+    server = subprocess.Popen([str(exe), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--artifacts-destination", str(tmp_path / "server-artifacts"),
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    pytest.fail("mlflow server did not start")
+                time.sleep(1)
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "m.yaml").write_text(yaml.safe_dump(study("m", trials=2)))
+        assert main(["run", "m.yaml", "--tracking-uri", uri, "-q"]) == 0
+        c = MlflowClient(tracking_uri=uri)
+        runs = c.search_runs([c.get_experiment_by_name("m").experiment_id], max_results=100)
+        roles = sorted(r.data.tags["kdbench.role"] for r in runs)
+        assert roles == ["baseline", "confirm", "confirm", "study", "teacher", "trial", "trial"]
+        assert not (tmp_path / "runs" / "m" / "mlflow.db").exists()  # nothing went to the local default
+        shutil.rmtree(tmp_path / "reports")
+        assert main(["report", "--tracking-uri", uri, "--experiment", "m", "--no-figures"]) == 0
+        text = (tmp_path / "reports" / "m" / "LEADERBOARD.md").read_text()
+        assert "`kd`" in text and "`ce`" in text and uri in text
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A real PostgreSQL server on 127.0.0.1: KDBENCH_TEST_POSTGRES_URL, or a private cluster started here from the
+    local binaries (Debian's postgresql package, which .ci/run installs)."""
+    url = os.environ.get("KDBENCH_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    import glob
+    import tempfile
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or [shutil.which("initdb")]
+    if not found or not found[-1]:
+        pytest.skip("no PostgreSQL binary (initdb) on this machine: apt-get install postgresql (.ci/run does)")
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver psycopg is not installed (test extra)")
+    bindir = Path(found[-1]).parent
+    root = Path(tempfile.mkdtemp(prefix="kdbench-pg-", dir="/tmp"))
+    root.chmod(0o755)
+    data, port = root / "data", _free_port()
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        data.mkdir()
+        shutil.chown(data, "postgres", "postgres")
+    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, timeout=120)  # noqa: E731
+    run(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres")
+    run(str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(data / "log"), "-o",
+        f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start")
+    try:
+        run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "kdbench")
+        # trust authentication: the password is ignored by the server, and must be masked by kdbench
+        yield f"postgresql://postgres:s3cr3t-pw@127.0.0.1:{port}/kdbench"
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_postgres_storage_with_two_workers(tmp_path, monkeypatch, capsys, postgres_url):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pg.yaml").write_text(yaml.safe_dump(study("pg", trials=4)))
+    assert main(["run", "pg.yaml", "--storage", postgres_url, "--workers", "2"]) == 0
+    out = tmp_path / "runs" / "pg"
+    check_exact(postgres_url, "pg", 4, f"sqlite:///{out / 'mlflow.db'}")
+    assert not (out / "optuna.db").exists()
+    printed = capsys.readouterr()
+    secret = "s3cr3t-pw"
+    c = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    for r in c.search_runs([c.get_experiment_by_name("pg").experiment_id], max_results=1000):
+        assert secret not in str(r.data.params) and secret not in str(r.data.tags)
+    assert secret not in printed.out + printed.err
+    assert secret not in (tmp_path / "reports" / "pg" / "LEADERBOARD.md").read_text()
+    if "s3cr3t" in postgres_url:
+        assert "postgres:***@" in printed.out
