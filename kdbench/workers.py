@@ -14,10 +14,16 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import warnings
 from typing import Any, Callable, Optional
 
 import optuna
+from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+# heartbeats, their stale-trial callback and fail_stale_trials are marked experimental in Optuna 5; kdbench relies on
+# them deliberately, so their warnings would only be noise in every run's output
+warnings.filterwarnings("ignore", category=ExperimentalWarning, module=r"optuna\..*|kdbench\..*")
 from optuna.trial import TrialState
 
 from kdbench.errors import KdbenchError

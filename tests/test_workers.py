@@ -198,3 +198,68 @@ def test_postgres_storage_with_two_workers(tmp_path, monkeypatch, capsys, postgr
     assert secret not in (tmp_path / "reports" / "pg" / "LEADERBOARD.md").read_text()
     if "s3cr3t" in postgres_url:
         assert "postgres:***@" in printed.out
+
+
+FAULTY = '''
+import torch
+
+calls = {"n": 0}
+
+
+def nan_loss(student, teacher, labels):
+    return student.logits.sum() * float("nan")
+
+
+def oom_once(student, teacher, labels):
+    calls["n"] += 1
+    if calls["n"] == 1:  # the first trial's first step: what a CUDA OOM looks like to kdbench
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    return (student.logits - teacher.logits).pow(2).mean()
+'''
+
+
+def test_nan_prunes_and_oom_fails_only_its_trial(tmp_path, monkeypatch):
+    (tmp_path / "faulty_losses.py").write_text(FAULTY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    cfg = study("f", trials=2, losses=[{"name": "faulty_losses:nan_loss", "label": "nan"},
+                                       {"name": "faulty_losses:oom_once", "label": "oom"}])
+    (tmp_path / "f.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", "f.yaml", "-q"]) == 0
+    storage = f"sqlite:///{tmp_path / 'runs' / 'f' / 'optuna.db'}"
+    nan = optuna.load_study(study_name="f.nan", storage=storage).trials
+    assert [t.state for t in nan] == [optuna.trial.TrialState.PRUNED] * 2
+    assert all("training loss is nan" in t.user_attrs["kdbench.reason"] for t in nan)
+    oom = optuna.load_study(study_name="f.oom", storage=storage).trials
+    assert [t.state for t in oom] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+    assert oom[0].user_attrs["kdbench.reason"].startswith("CUDA out of memory")
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'f' / 'mlflow.db'}")
+    runs = c.search_runs([c.get_experiment_by_name("f").experiment_id], max_results=100)
+    failed = [r for r in runs if r.data.tags.get("kdbench.loss") == "oom" and r.data.tags["kdbench.role"] == "trial"
+              and r.info.status == "FAILED"]
+    assert len(failed) == 1 and "CUDA out of memory" in failed[0].data.tags["kdbench.error"]
+
+
+def test_sigterm_ends_runs_killed(tmp_path):
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(study("t", trials=2, epochs=40)))
+    proc = kdbench("run", "t.yaml", "-q", cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    storage = f"sqlite:///{tmp_path / 'runs' / 't' / 'optuna.db'}"
+    deadline, number = time.monotonic() + 180, None
+    while time.monotonic() < deadline and number is None:
+        time.sleep(0.5)
+        try:
+            running = [t for t in optuna.load_study(study_name="t.kd", storage=storage).trials
+                       if t.state == optuna.trial.TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
+        except Exception:
+            continue
+        number = running[0].number if running else None
+    assert number is not None, "no trial started"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and b"kdbench: terminated" in err
+    trial = next(t for t in optuna.load_study(study_name="t.kd", storage=storage).trials if t.number == number)
+    assert trial.state == optuna.trial.TrialState.FAIL
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 't' / 'mlflow.db'}")
+    runs = c.search_runs([c.get_experiment_by_name("t").experiment_id], max_results=100)
+    status = {r.data.tags["kdbench.role"]: r.info.status for r in runs if r.data.tags["kdbench.role"] in ("study", "trial")}
+    assert status == {"study": "KILLED", "trial": "KILLED"}
