@@ -78,7 +78,7 @@ def parse_params(params: dict) -> dict:
 
 
 def params_text(params: dict) -> str:
-    """``k=v, ...`` of the knobs that act: the weighting knobs only when weighting or a ramp is on."""
+    """``k=v, ...`` of the knobs that act: the weighting and schedule knobs only when they are on."""
     values = parse_params(params)
     if values.get("weighting") in ("none", None):
         values.pop("weighting", None)
@@ -88,6 +88,11 @@ def params_text(params: dict) -> str:
     if not values.get("ramp_epochs") and not values.get("ramp_start"):
         values.pop("ramp_epochs", None)
         values.pop("ramp_start", None)
+    if values.get("t_schedule") in ("constant", None):
+        for k in ("t_schedule", "t_start", "t_end", "t_steps"):
+            values.pop(k, None)
+    elif values.get("t_schedule") != "step":
+        values.pop("t_steps", None)
     return ", ".join(f"{k}={x:.4g}" if isinstance(x, float) else f"{k}={x}" for k, x in sorted(values.items()))
 
 
