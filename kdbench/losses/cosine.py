@@ -55,6 +55,16 @@ def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
     return 1.0 - (unit(a) * unit(b)).sum(dim=-1)
 
 
+def setup_embedding_projector(loss: nn.Module, student: Outputs, teacher: Outputs) -> None:
+    """Build ``loss.proj`` (student → teacher embedding dims; identity when equal) from probed embeddings."""
+    if student.embedding is None or teacher.embedding is None:
+        raise ValueError(f"loss {loss.name!r} needs student and teacher embeddings in setup")
+    s, t = student.embedding.flatten(1), teacher.embedding.flatten(1)
+    loss._dims = (s.shape[1], t.shape[1])
+    loss.proj = linear_projector(*loss._dims, device=s.device)
+    loss._ready = True
+
+
 @register_loss("cosine")
 class CosineLoss(DistillLoss):
     needs = frozenset({"embedding"})
@@ -67,12 +77,7 @@ class CosineLoss(DistillLoss):
         self._ready = False
 
     def setup(self, student: Outputs, teacher: Outputs, ctx) -> None:
-        if student.embedding is None or teacher.embedding is None:
-            raise ValueError("loss 'cosine' needs student and teacher embeddings in setup")
-        s, t = student.embedding.flatten(1), teacher.embedding.flatten(1)
-        self._dims = (s.shape[1], t.shape[1])
-        self.proj = linear_projector(*self._dims, device=s.device)
-        self._ready = True
+        setup_embedding_projector(self, student, teacher)
 
     def per_sample(self, student, teacher, labels, epoch):
         s, t = embeddings(self, student, teacher)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from kdbench.errors import KdbenchError
 from kdbench.losses.base import DistillLoss, Outputs, register_loss
-from kdbench.losses.cosine import embeddings, linear_projector, unit
+from kdbench.losses.cosine import embeddings, setup_embedding_projector, unit
 
 #: floor on σ²: all rows identical (or B = 1 with x = y) give D = 0 and would divide 0 by 0
 SIGMA2_MIN = 1e-8
@@ -56,12 +56,7 @@ class MMDLoss(DistillLoss):
         self._ready = False
 
     def setup(self, student: Outputs, teacher: Outputs, ctx) -> None:
-        if student.embedding is None or teacher.embedding is None:
-            raise ValueError("loss 'mmd' needs student and teacher embeddings in setup")
-        s, t = student.embedding.flatten(1), teacher.embedding.flatten(1)
-        self._dims = (s.shape[1], t.shape[1])
-        self.proj = linear_projector(*self._dims, device=s.device)
-        self._ready = True
+        setup_embedding_projector(self, student, teacher)
 
     batch_level_reason = 'MMD compares the two batches as distributions'
 
