@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 from pathlib import Path
@@ -56,9 +57,10 @@ def _cmd_report(args) -> int:
 
         print(write_compare(args.compare, Path(args.report_dir or Path("reports") / "compare")))
         return 0
-    if args.dir is None and args.tracking_uri is None:
-        raise KdbenchError("report: give a run directory, or --tracking-uri (with --experiment)")
-    tracker = open_study_store(args.dir, args.tracking_uri, args.experiment)
+    uri = args.tracking_uri or (None if args.dir else os.environ.get("MLFLOW_TRACKING_URI"))
+    if args.dir is None and uri is None:
+        raise KdbenchError("report: give a run directory, or --tracking-uri (or MLFLOW_TRACKING_URI) with --experiment")
+    tracker = open_study_store(args.dir, uri, args.experiment)
     parent = find_study_run(tracker)
     study = parent.data.tags.get("kdbench.study", "study")
     path = write_report(tracker, parent.info.run_id, Path(args.report_dir or Path("reports") / study),
@@ -128,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="rebuild the leaderboard of a study from its MLflow runs")
     rep.add_argument("dir", nargs="?", help="the study's output directory (holds mlflow.db)")
     rep.add_argument("--report-dir", help="where LEADERBOARD.md goes (default reports/<study name>)")
-    rep.add_argument("--tracking-uri", help="read from this MLflow tracking URI instead of <dir>/mlflow.db")
+    rep.add_argument("--tracking-uri", help="read from this MLflow tracking URI instead of <dir>/mlflow.db "
+                     "(default without DIR: $MLFLOW_TRACKING_URI)")
     rep.add_argument("--experiment", help="MLflow experiment (default: the one with the newest study run)")
     rep.add_argument("--compare", nargs="+", metavar="DIR",
                      help="one table across the studies in these run directories (written to COMPARE.md)")

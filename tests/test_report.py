@@ -145,4 +145,7 @@ def test_report_cli_and_compare(fake, tmp_path, monkeypatch, capsys):
     assert table[table.loss == "`dkd`"].iloc[0]["study_b: test acc"] == "–"
     uri = f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}"
     assert main(["report", "--tracking-uri", uri, "--experiment", "study_b", "--no-figures"]) == 0
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main(["report", "--experiment", "study_b", "--no-figures", "--report-dir", "env"]) == 0
+    assert (tmp_path / "env" / "LEADERBOARD.md").is_file()
     assert find_study_run(tk.Tracker(uri, "study_b", create=False)).data.tags[tk.STUDY] == "study_b"
