@@ -82,6 +82,12 @@ class Recipe(StrictModel):
 class TrainConfig(Recipe):
     device: str = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    #: NHWC memory layout for models and batches (faster convolutions on recent GPUs); off unless asked
+    channels_last: bool = False
+    #: TF32 matmuls/convolutions on CUDA (no effect on CPU)
+    tf32: bool = True
+    #: deterministic algorithms (torch.use_deterministic_algorithms, no cuDNN autotuning): reproducible, slower
+    deterministic: bool = False
 
     @field_validator("device")
     @classmethod

@@ -35,6 +35,7 @@ from kdbench.train import (
     FitResult,
     NonFiniteLoss,
     TeacherProvider,
+    configure_backend,
     fit,
     resolve_device,
 )
@@ -236,7 +237,8 @@ class StudyRunner(ScaleOut):
                      test=data.test if eval_test else None,
                      augment_pad=data.image_size // 8 if cfg.data.augment else 0,
                      hflip=cfg.data.augment and data.hflip,
-                     on_epoch=self._epoch_logger(run_id, trial), progress=self.progress.epoch)
+                     on_epoch=self._epoch_logger(run_id, trial), progress=self.progress.epoch,
+                     channels_last=cfg.train.channels_last)
         best = result.selected(cfg.sweep.select)
         summary = {"selected_val_acc": best.val_acc, "selected_epoch": best.epoch, "train_seconds": result.seconds}
         if eval_test:
@@ -377,6 +379,7 @@ class StudyRunner(ScaleOut):
         cfg, paths = self.cfg, self.paths
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         logging.getLogger("optuna").setLevel(logging.WARNING)
+        configure_backend(self.device, cfg.train.tf32, cfg.train.deterministic)
         # data and teacher checkpoints are checked before anything is written
         data = load_data(cfg.data)
         for i, t in enumerate(cfg.teachers):

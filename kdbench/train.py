@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -87,6 +88,18 @@ def resolve_device(spec: str) -> torch.device:
     if spec == "mps" and not torch.backends.mps.is_available():
         raise KdbenchError("train.device: 'mps' requested but MPS is not available on this machine")
     return torch.device(spec)
+
+
+def configure_backend(device: torch.device, tf32: bool = True, deterministic: bool = False) -> None:
+    """Process-wide numerics: TF32 on CUDA when asked; deterministic algorithms (and the cuBLAS workspace setting
+    they need) when asked."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cudnn.benchmark = not deterministic
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def autocast(device: torch.device, precision: str):
@@ -268,6 +281,7 @@ def fit(
     hflip: bool = False,
     on_epoch: Optional[Callable[[EpochStats], None]] = None,
     progress: Optional[Callable[[], None]] = None,
+    channels_last: bool = False,
 ) -> FitResult:
     """Train ``model`` on ``train`` for ``recipe.epochs`` epochs; evaluate on ``val`` (and ``test``) every epoch.
 
@@ -276,7 +290,8 @@ def fit(
     stops being finite. Exceptions raised by ``on_epoch`` (e.g. a pruning signal) propagate unchanged.
     """
     objective = objective or CEObjective()
-    model.to(device).train()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(device, memory_format=fmt).train()
     train, val = train.to(device), val.to(device)
     test = test.to(device) if test is not None else None
     # the loss's connectors/heads/centres are built from probed shapes before the optimizer sees the parameters
@@ -304,6 +319,8 @@ def fit(
             x = train.x[idx]
             if augment_pad or hflip:
                 x = random_crop_flip(x, gen, augment_pad, hflip)
+            if channels_last:
+                x = x.contiguous(memory_format=fmt)
             views = [random_crop_flip(train.x[idx], gen, view_pad, hflip)] if want_views else None
             batch = Batch(x=x, y=train.y[idx], idx=idx, epoch=epoch + it / steps, views=views)
             with autocast(device, precision):
