@@ -23,14 +23,13 @@ def results(out_dir, tracking_uri=None, experiment=None):
     """The leaderboard of the study stored in ``out_dir`` (or at ``tracking_uri``) as a pandas DataFrame."""
     import pandas as pd
 
-    from kdbench.report import find_study_run, leaderboard, open_study_store, runs_frame
+    from kdbench.report import boards_by_student, find_study_run, open_study_store, runs_frame
 
     tracker = open_study_store(out_dir, tracking_uri, experiment)
-    runs = runs_frame(tracker, find_study_run(tracker).info.run_id)
-    students = list(runs.student.dropna().unique())
-    if len(students) <= 1:
-        return leaderboard(runs)
-    return pd.concat([leaderboard(runs, s).assign(student=s) for s in students], ignore_index=True)
-
+    parent = find_study_run(tracker)
+    boards = boards_by_student(runs_frame(tracker, parent.info.run_id), parent.data.tags)
+    if list(boards) == [None]:
+        return boards[None]
+    return pd.concat([b.assign(student=s) for s, b in boards.items()], ignore_index=True)
 
 __all__ = ["Outputs", "create_loss", "list_losses", "run_study", "results", "__version__"]
