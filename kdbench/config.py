@@ -57,6 +57,16 @@ class DataConfig(StrictModel):
     root: Optional[str] = Field(None, exclude_if=lambda v: v is None)
     #: fetch missing files with torchvision's downloaders (needs a network); never the default
     download: bool = Field(False, exclude_if=lambda v: not v)
+    #: with augment: draw each sample's crop and flip in epoch e from (augment_seed, e) alone, the same in every
+    #: run of the study, so the teacher's outputs on them are computed once per epoch and cached. Unset: drawn
+    #: afresh in every run (the teacher then runs live).
+    augment_seed: Optional[int] = Field(None, exclude_if=lambda v: v is None)
+
+    @model_validator(mode="after")
+    def _augment_seed(self) -> "DataConfig":
+        if self.augment_seed is not None and not self.augment:
+            raise ValueError("augment_seed needs augment: true")
+        return self
 
 
 class Recipe(StrictModel):
@@ -88,6 +98,18 @@ class TrainConfig(Recipe):
     tf32: bool = True
     #: deterministic algorithms (torch.use_deterministic_algorithms, no cuDNN autotuning): reproducible, slower
     deterministic: bool = False
+    #: torch.compile the student's forward passes: a one-off compile per run (tens of seconds), faster steps after
+    #: (on GPU; on CPU it needs a C++ compiler). Options below left out of dumps at their defaults, so studies
+    #: written before they existed keep their fingerprints.
+    compile: bool = Field(False, exclude_if=lambda v: not v)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", exclude_if=lambda v: v == "default")
+    compile_backend: str = Field("inductor", exclude_if=lambda v: v == "inductor")
+    #: where teacher outputs are cached when inputs are deterministic (no augmentation, or data.augment_seed):
+    #: memory, disk ($KDBENCH_CACHE_DIR/teacher_outputs, shared with workers and later studies), or off (live)
+    teacher_cache: Literal["memory", "disk", "off"] = Field("memory", exclude_if=lambda v: v == "memory")
+    #: the largest cache allowed (GiB); a larger one is not built and the teacher runs live (the reason is logged)
+    teacher_cache_gb: PositiveFloat = Field(4.0, exclude_if=lambda v: v == 4.0)
 
     @field_validator("device")
     @classmethod

@@ -29,6 +29,7 @@ from kdbench.errors import KdbenchError
 from kdbench.models import create_model
 from kdbench.progress import Progress
 from kdbench.teacher import TeacherInfo, default_cache_dir, get_teacher, load_state
+from kdbench.teacher_outputs import attach_cache
 from kdbench.train import (
     DistillObjective,
     EpochStats,
@@ -197,7 +198,8 @@ class StudyRunner(ScaleOut):
         cfg = self.cfg
         name = f"teacher {t.model}" + (f" #{index}" if len(cfg.teachers) > 1 else "")
         cache = Path(t.cache_dir) if t.cache_dir else self.paths.cache_dir
-        get = lambda **kw: get_teacher(t, data, self.device, cfg.train.precision, cache, cfg.data.augment, **kw)  # noqa: E731
+        get = lambda **kw: get_teacher(t, data, self.device, cfg.train.precision, cache, cfg.data.augment,  # noqa: E731
+                                       augment_seed=cfg.data.augment_seed, **kw)
         self.progress.start(name, t.epochs)
         if not self.coordinator or self._finished(role="teacher", **{"kdbench.teacher_index": index}):
             model, info = get()
@@ -238,7 +240,9 @@ class StudyRunner(ScaleOut):
                      augment_pad=data.image_size // 8 if cfg.data.augment else 0,
                      hflip=cfg.data.augment and data.hflip,
                      on_epoch=self._epoch_logger(run_id, trial), progress=self.progress.epoch,
-                     channels_last=cfg.train.channels_last)
+                     channels_last=cfg.train.channels_last, augment_seed=cfg.data.augment_seed,
+                     compile_mode=cfg.train.compile_mode if cfg.train.compile else None,
+                     compile_backend=cfg.train.compile_backend)
         best = result.selected(cfg.sweep.select)
         summary = {"selected_val_acc": best.val_acc, "selected_epoch": best.epoch, "train_seconds": result.seconds}
         if eval_test:
@@ -407,10 +411,11 @@ class StudyRunner(ScaleOut):
                 self._attach_parent()
                 self.progress.say(f"joining study {cfg.name!r} as a worker (MLflow run {self.parent})")
             infos = self._teachers(data)
-            if not cfg.data.augment:  # inputs are the same every epoch: one teacher pass serves the whole study
-                self.provider.precompute(data.student_train.x.to(self.device), self._teacher_needs())
+            outputs = attach_cache(self.provider, cfg, data, infos, self.device,
+                                   self.paths.cache_dir.parent / "teacher_outputs", self._teacher_needs())
             if self.coordinator:
-                self.tracker.set_tags(self.parent, {"kdbench.teacher_outputs": self.provider.mode})
+                self.progress.say(f"teacher outputs: {outputs.reason}")
+                self.tracker.set_tags(self.parent, {"kdbench.teacher_outputs": outputs.reason})
                 procs = self._spawn_workers()  # after the teachers: the workers find them in the cache
             for st in cfg.students:
                 if self.coordinator:

@@ -61,7 +61,7 @@ def load_state(model: torch.nn.Module, path: Path, what: str, expected_model: Op
 
 
 def get_teacher(t, data: DataBundle, device: torch.device, precision: str, cache_dir: Path, augment: bool = False,
-                on_epoch: Optional[Callable[[EpochStats], None]] = None,
+                augment_seed: Optional[int] = None, on_epoch: Optional[Callable[[EpochStats], None]] = None,
                 progress: Optional[Callable[[], None]] = None) -> tuple[torch.nn.Module, TeacherInfo]:
     """The teacher described by ``t`` (a ``TeacherConfig``): from its checkpoint, from the cache, or trained now."""
     torch.manual_seed(t.seed)
@@ -84,7 +84,7 @@ def get_teacher(t, data: DataBundle, device: torch.device, precision: str, cache
 
     result = fit(model, data.train, data.val, t, device=device, precision=precision, seed=t.seed,
                  augment_pad=data.image_size // 8 if augment else 0, hflip=augment and data.hflip,
-                 on_epoch=on_epoch, progress=progress)
+                 augment_seed=augment_seed, on_epoch=on_epoch, progress=progress)
     val = result.history[-1].val_acc
     test = evaluate(model, data.test.to(device), precision)[0]
     history = [s.metrics() | {"epoch": s.epoch} for s in result.history]

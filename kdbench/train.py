@@ -18,13 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.data import TensorSet
-from kdbench.data.augment import random_crop_flip
+from kdbench.data.augment import EpochViews, random_crop_flip
 from kdbench.errors import KdbenchError
 from kdbench.losses import DistillLoss, Outputs
 from kdbench.losses.base import LossContext
 from kdbench.losses.weighting import KDWeighting
 from kdbench.models import forward_outputs
 from kdbench.schedules import temperature_modules
+from kdbench.teacher_outputs import OutputStore
 
 
 class NonFiniteLoss(RuntimeError):
@@ -159,21 +160,21 @@ class CEObjective:
 
 
 class TeacherProvider:
-    """Teacher outputs for a batch. With deterministic inputs they are computed once for the whole training set
-    and looked up by sample index; otherwise computed live in eval mode under ``no_grad``. Several teachers are
-    fused by weighted logit averaging (features and embedding come from the first teacher)."""
+    """Teacher outputs for a batch: looked up by sample index (and epoch) in an :class:`OutputStore` when the inputs
+    are deterministic, otherwise computed live in eval mode under ``no_grad``. Several teachers are fused by
+    weighted logit averaging (features and embedding come from the first teacher)."""
 
     def __init__(self, teachers: list[nn.Module], weights: Optional[list[float]] = None, precision: str = "fp32"):
         self.teachers = [t.eval() for t in teachers]
         w = torch.tensor(weights if weights is not None else [1.0] * len(teachers), dtype=torch.float32)
         self.weights = (w / w.sum()).tolist()
         self.precision = precision
-        self.cache: Optional[Outputs] = None
+        self.store: Optional[OutputStore] = None
         self.cached_needs: frozenset = frozenset()
 
     @property
     def mode(self) -> str:
-        return "cached" if self.cache is not None else "live"
+        return "cached" if self.store is not None else "live"
 
     @torch.no_grad()
     def live(self, x: torch.Tensor, needs: frozenset = frozenset()) -> Outputs:
@@ -186,20 +187,20 @@ class TeacherProvider:
                        features=[f.float() for f in first.features] if first.features is not None else None,
                        embedding=first.embedding.float() if first.embedding is not None else None)
 
+    def use_store(self, inputs, needs: frozenset = frozenset(), directory=None, batch_size: int = 256) -> OutputStore:
+        """Serve outputs from a store over ``inputs``: a tensor (the same every epoch) or :class:`EpochViews`."""
+        needs = frozenset(needs)
+        self.store = OutputStore(lambda x: self.live(x, needs), inputs, directory, batch_size)
+        self.cached_needs = needs
+        return self.store
+
     def precompute(self, x: torch.Tensor, needs: frozenset = frozenset(), batch_size: int = 256) -> None:
-        """Compute the outputs for every sample of ``x`` once (inputs are the same every epoch)."""
-        parts = [self.live(x[i: i + batch_size], needs) for i in range(0, x.shape[0], batch_size)]
-        cat = lambda xs: torch.cat(xs) if xs[0] is not None else None  # noqa: E731
-        self.cache = Outputs(
-            logits=cat([p.logits for p in parts]),
-            features=[torch.cat(fs) for fs in zip(*[p.features for p in parts])] if parts[0].features else None,
-            embedding=cat([p.embedding for p in parts]),
-        )
-        self.cached_needs = frozenset(needs)
+        """Compute the outputs for every sample of ``x`` now, in memory (inputs are the same every epoch)."""
+        self.use_store(x, needs, batch_size=batch_size).get(0)
 
     def __call__(self, batch: Batch, needs: frozenset = frozenset()) -> Outputs:
-        if self.cache is not None and needs & {"features", "embedding"} <= self.cached_needs:
-            out = self.cache.index(batch.idx)
+        if self.store is not None and needs & {"features", "embedding"} <= self.cached_needs:
+            out = self.store.get(int(batch.epoch)).index(batch.idx)
         else:
             out = self.live(batch.x, needs)
         if batch.views:
@@ -265,6 +266,28 @@ class DistillObjective:
         return total, terms
 
 
+@contextlib.contextmanager
+def compiled(model: nn.Module, mode: Optional[str], backend: str = "inductor"):
+    """``torch.compile`` the model's forward passes (``forward`` and, for feature losses,
+    ``forward_intermediates``) in place for the length of the block. In place, so the module, its state-dict keys
+    and its checkpoints stay those of the plain model; it is plain again afterwards (exports and pickling need
+    that)."""
+    if mode is None:
+        yield model
+        return
+    kw = {"backend": backend, "mode": None if mode == "default" else mode} if backend == "inductor" else {"backend": backend}
+    model.compile(**kw)
+    inter = getattr(model, "forward_intermediates", None)
+    if inter is not None:
+        model.forward_intermediates = torch.compile(inter, **kw)
+    try:
+        yield model
+    finally:
+        model._compiled_call_impl = None
+        if inter is not None:
+            del model.forward_intermediates  # the instance attribute: the class's method shows through again
+
+
 def fit(
     model: nn.Module,
     train: TensorSet,
@@ -282,12 +305,20 @@ def fit(
     on_epoch: Optional[Callable[[EpochStats], None]] = None,
     progress: Optional[Callable[[], None]] = None,
     channels_last: bool = False,
+    augment_seed: Optional[int] = None,
+    compile_mode: Optional[str] = None,
+    compile_backend: str = "inductor",
 ) -> FitResult:
     """Train ``model`` on ``train`` for ``recipe.epochs`` epochs; evaluate on ``val`` (and ``test``) every epoch.
 
     ``objective(model, batch) -> (loss, terms)`` defaults to cross-entropy; its ``setup`` may return a module
     (the loss's trainable parts) whose parameters join the optimizer. Raises :class:`NonFiniteLoss` if the loss
     stops being finite. Exceptions raised by ``on_epoch`` (e.g. a pruning signal) propagate unchanged.
+
+    Augmentation (``augment_pad``, ``hflip``) is drawn per batch from the run's generator, or, with
+    ``augment_seed``, per (epoch, sample) from that seed alone (:class:`EpochViews`: the same in every run).
+    ``compile_mode`` (``"default"``, ``"reduce-overhead"``, ...) compiles the model's forward passes with
+    ``torch.compile`` for this fit only.
     """
     objective = objective or CEObjective()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -307,18 +338,23 @@ def fit(
     n = len(train)
     bs = min(recipe.batch_size, n)
     steps = n // bs  # drop the last partial batch: BatchNorm and batch-level losses need full batches
-    history: list[EpochStats] = []
-    start = time.perf_counter()
-    for epoch in range(recipe.epochs):
+    augment = bool(augment_pad or hflip)
+    seeded = EpochViews(train.x, augment_pad, hflip, augment_seed) if augment and augment_seed is not None else None
+
+    def one_epoch(epoch: int) -> EpochStats:
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=gen, device=device)
+        epoch_x = seeded(epoch) if seeded is not None else None
         total = torch.zeros((), device=device)
         parts: dict[str, torch.Tensor] = {}
         for it in range(steps):
             idx = perm[it * bs: (it + 1) * bs]
-            x = train.x[idx]
-            if augment_pad or hflip:
-                x = random_crop_flip(x, gen, augment_pad, hflip)
+            if epoch_x is not None:
+                x = epoch_x[idx]
+            else:
+                x = train.x[idx]
+                if augment:
+                    x = random_crop_flip(x, gen, augment_pad, hflip)
             if channels_last:
                 x = x.contiguous(memory_format=fmt)
             views = [random_crop_flip(train.x[idx], gen, view_pad, hflip)] if want_views else None
@@ -338,7 +374,7 @@ def fit(
         lr = opt.param_groups[0]["lr"]
         sched.step()
         val_acc, val_loss = evaluate(model, val, precision)
-        stats = EpochStats(
+        return EpochStats(
             epoch=epoch + 1,
             train_loss=train_loss,
             val_acc=val_acc,
@@ -348,9 +384,16 @@ def fit(
             test_acc=evaluate(model, test, precision)[0] if test is not None else None,
             parts={k: (v / steps).item() for k, v in parts.items()},
         )
-        history.append(stats)
-        if progress is not None:
-            progress()
-        if on_epoch is not None:
-            on_epoch(stats)
+
+    history: list[EpochStats] = []
+    start = time.perf_counter()
+    with compiled(model, compile_mode, compile_backend):
+        for epoch in range(recipe.epochs):
+            stats = one_epoch(epoch)
+            history.append(stats)
+            if progress is not None:
+                progress()
+            if on_epoch is not None:
+                on_epoch(stats)
     return FitResult(history=history, seconds=time.perf_counter() - start)
+

@@ -1,0 +1,176 @@
+"""Teacher outputs computed once and reused by every trial and seed of a study (and, on disk, by its workers and
+later studies).
+
+They can be cached when a sample's input is the same wherever it is used: without augmentation (one set of outputs
+for the whole study), or with augmentation seeded per (epoch, sample) (``data.augment_seed``: one set per epoch).
+With augmentation drawn afresh in each run the teacher must run live. :func:`plan` decides, and says why.
+
+On disk (``train.teacher_cache: disk``) each set is one safetensors file under
+``<cache>/teacher_outputs/<key>/``, keyed by everything that changes the outputs: the teachers' weights and fusion
+weights, the data, the augmentation seed, the outputs asked for, the precision and the device type. Logits are
+stored in float32; feature maps and embeddings in float16 (half the size; the losses compare them at far coarser
+precision), unless a value would not fit in float16.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from kdbench.checkpoints import atomic_write
+from kdbench.data.augment import EpochViews
+from kdbench.outputs import Outputs
+
+FIXED = -1  # the slot of inputs that are the same in every epoch
+GIB = 1024 ** 3
+
+
+@dataclass
+class Plan:
+    mode: str  # memory | disk | live
+    reason: str  # one line, logged on the study run
+    slots: int = 0  # sets of outputs the study needs (1, or one per epoch)
+    gib: float = 0.0  # their estimated size
+
+
+def file_digest(path: Union[str, Path]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def cache_key(spec: dict) -> str:
+    return hashlib.sha256(json.dumps({**spec, "format": 1}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _bytes_per_sample(probe: Outputs, disk: bool) -> int:
+    n = probe.logits.shape[0]
+    feats = (probe.features or []) + ([probe.embedding] if probe.embedding is not None else [])
+    per = probe.logits.numel() * 4 + sum(f.numel() * (2 if disk else 4) for f in feats)
+    return per // n
+
+
+def plan(mode: str, cap_gib: float, *, augment: bool, views: Optional[EpochViews], epochs: int, n: int,
+         probe: Optional[Outputs]) -> Plan:
+    """Whether and where to cache: ``mode`` is the study's ``train.teacher_cache`` (memory | disk | off)."""
+    if mode == "off":
+        return Plan("live", "live: train.teacher_cache is off")
+    if augment and views is None:
+        return Plan("live", "live: augmentation is drawn afresh in every run (set data.augment_seed to cache it)")
+    slots = epochs if views is not None else 1
+    gib = _bytes_per_sample(probe, mode == "disk") * n * slots / GIB
+    if gib > cap_gib:
+        return Plan("live", f"live: the cache would take {gib:.2f} GiB > train.teacher_cache_gb {cap_gib:g}",
+                    slots, gib)
+    what = f"{slots} sets (one per epoch, augment_seed {views.seed})" if views is not None else "1 set (inputs fixed)"
+    where = "in memory" if mode == "memory" else "on disk (features float16), one set in memory at a time"
+    return Plan(mode, f"cached {where}: {what}, {gib:.3f} GiB", slots, gib)
+
+
+class OutputStore:
+    """Teacher outputs for every training sample, one set per slot (:data:`FIXED`, or the epoch), computed on first
+    use and kept in memory (all sets) or on disk (the last set used is kept in memory)."""
+
+    def __init__(self, compute: Callable[[torch.Tensor], Outputs], inputs: Union[torch.Tensor, EpochViews],
+                 directory: Optional[Path] = None, batch_size: int = 256):
+        self.compute, self.inputs, self.directory, self.batch_size = compute, inputs, directory, batch_size
+        self.sets: dict[int, Outputs] = {}
+        self.computed = self.loaded = 0  # how many sets this process computed / read from disk
+
+    @property
+    def per_epoch(self) -> bool:
+        return isinstance(self.inputs, EpochViews)
+
+    def get(self, epoch: int) -> Outputs:
+        slot = int(epoch) if self.per_epoch else FIXED
+        out = self.sets.get(slot)
+        if out is None:
+            out = self._read(slot) if self.directory is not None else None
+            if out is None:
+                out = self._compute(slot)
+                if self.directory is not None:
+                    self._write(slot, out)
+            if self.directory is not None:
+                self.sets.clear()  # disk mode: one set in memory
+            self.sets[slot] = out
+        return out
+
+    def _compute(self, slot: int) -> Outputs:
+        x = self.inputs(slot) if self.per_epoch else self.inputs
+        parts = [self.compute(x[i: i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)]
+        self.computed += 1
+        return Outputs(
+            logits=torch.cat([p.logits for p in parts]),
+            features=[torch.cat(fs) for fs in zip(*[p.features for p in parts])] if parts[0].features else None,
+            embedding=torch.cat([p.embedding for p in parts]) if parts[0].embedding is not None else None,
+        )
+
+    def _path(self, slot: int) -> Path:
+        return self.directory / ("inputs.safetensors" if slot == FIXED else f"epoch{slot:04d}.safetensors")
+
+    def _write(self, slot: int, out: Outputs) -> None:
+        def small(t: torch.Tensor) -> torch.Tensor:
+            half = t.half()
+            # float16 only where it holds every value (its range ends at 65504)
+            return half if torch.isfinite(half).all() or not torch.isfinite(t).all() else t
+
+        tensors = {"logits": out.logits.float()}
+        for i, f in enumerate(out.features or []):
+            tensors[f"features.{i}"] = small(f)
+        if out.embedding is not None:
+            tensors["embedding"] = small(out.embedding)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        atomic_write(self._path(slot), lambda p: save_file(tensors, str(p)))
+
+    def _read(self, slot: int) -> Optional[Outputs]:
+        path = self._path(slot)
+        if not path.is_file():
+            return None
+        device = self.inputs.x.device if self.per_epoch else self.inputs.device
+        t = {k: v.to(device).float() for k, v in load_file(str(path)).items()}
+        n_feats = sum(k.startswith("features.") for k in t)
+        self.loaded += 1
+        return Outputs(logits=t["logits"], features=[t[f"features.{i}"] for i in range(n_feats)] or None,
+                       embedding=t.get("embedding"))
+
+
+def attach_cache(provider, cfg, data, infos: list, device: torch.device, root: Path, needs: frozenset) -> Plan:
+    """Decide how a study's teacher outputs are served (``cfg`` a ``StudyConfig``) and set ``provider`` up for it.
+    Fixed inputs are computed at once; per-epoch sets when an epoch first needs them."""
+    x = data.student_train.x.to(device)
+    augment = cfg.data.augment
+    pad, hflip = (data.image_size // 8, data.hflip) if augment else (0, False)
+    views = EpochViews(x, pad, hflip, cfg.data.augment_seed) if augment and cfg.data.augment_seed is not None else None
+    probe = provider.live(x[:2], needs) if cfg.train.teacher_cache != "off" else None
+    p = plan(cfg.train.teacher_cache, cfg.train.teacher_cache_gb, augment=augment, views=views,
+             epochs=cfg.train.epochs, n=x.shape[0], probe=probe)
+    if p.mode == "live":
+        provider.store = None
+        return p
+    directory = None
+    if p.mode == "disk":
+        spec = {
+            # a checkpoint teacher has no cache key: its file's digest stands for its weights
+            "teachers": [i.key or file_digest(i.path) for i in infos],
+            "fusion": provider.weights,
+            "data": data.fingerprint,
+            "n": x.shape[0],
+            "views": views.spec() if views is not None else None,
+            "needs": sorted(needs),
+            "precision": provider.precision,
+            "device": device.type,
+        }
+        directory = root / cache_key(spec)
+        if not (directory / "spec.json").is_file():
+            atomic_write(directory / "spec.json", lambda f: f.write_text(json.dumps(spec, indent=1)))
+    store = provider.use_store(views if views is not None else x, needs, directory)
+    if views is None:
+        store.get(FIXED)
+    return p
