@@ -1,5 +1,6 @@
 """Benchmark 2: student training throughput through ``kdbench.train.fit``: CE only vs KD with a cached teacher vs KD
-with a live teacher.
+with a live teacher; with augmentation, KD with the teacher's outputs cached per epoch (``data.augment_seed``) vs a
+live teacher; optionally the CE step under ``torch.compile``.
 
 Synthetic 32×32 RGB images; timm ``test_resnet`` student, ``resnet18`` teacher (random weights: speed does not
 depend on them). Modes are run in rotating order within each repetition, and ratios are taken within a repetition.
@@ -13,12 +14,15 @@ import torch
 import common
 from kdbench.config import Recipe
 from kdbench.data import TensorSet
+from kdbench.data.augment import EpochViews
 from kdbench.losses import create_loss, load_card
 from kdbench.models import count_params, create_model
 from kdbench.train import CEObjective, DistillObjective, TeacherProvider, fit
 
 STUDENT, TEACHER = "test_resnet", "resnet18"
-MODES = ("ce", "kd_cached", "kd_live")
+MODES = ("ce", "kd_cached", "kd_live", "kd_seeded_cached", "kd_aug_live")
+AUGMENTED = {"kd_seeded_cached", "kd_aug_live"}
+PAD, SEED = 4, 0
 GOAL = 1.10
 
 
@@ -40,17 +44,28 @@ def run(args) -> common.Section:
     common.sync(device)
     precompute_s = time.perf_counter() - t0
     live = TeacherProvider([teacher])
+    # seeded augmentation: the teacher's outputs on epoch 0's views, computed once, as a study's first trial does
+    seeded = TeacherProvider([teacher])
+    store = seeded.use_store(EpochViews(train.x.to(device), PAD, True, SEED))
+    common.sync(device)
+    t0 = time.perf_counter()
+    store.get(0)
+    common.sync(device)
+    per_epoch_s = time.perf_counter() - t0
+    providers = {"kd_cached": cached, "kd_live": live, "kd_seeded_cached": seeded, "kd_aug_live": live}
     kd_params = load_card("kd").defaults
 
-    def one(mode: str, data: TensorSet) -> float:
+    def one(mode: str, data: TensorSet, compile_mode=None) -> float:
         torch.manual_seed(0)
         student = create_model(STUDENT, classes, 3)
-        if mode == "ce":
+        if mode.startswith("ce"):
             objective = CEObjective()
         else:
-            objective = DistillObjective(create_loss("kd", **kd_params), cached if mode == "kd_cached" else live,
-                                         alpha=0.9)
-        res = fit(student, data, val, recipe, device=device, objective=objective, num_classes=classes)
+            objective = DistillObjective(create_loss("kd", **kd_params), providers[mode], alpha=0.9)
+        aug = {"augment_pad": PAD, "hflip": True, "augment_seed": SEED if mode == "kd_seeded_cached" else None} \
+            if mode in AUGMENTED else {}
+        res = fit(student, data, val, recipe, device=device, objective=objective, num_classes=classes,
+                  compile_mode=compile_mode, **aug)
         steps = len(data) // bs
         return steps * bs / res.history[-1].seconds
 
@@ -58,11 +73,11 @@ def run(args) -> common.Section:
     # are also valid rows of the cache)
     warm = TensorSet(train.x[: 2 * bs], train.y[: 2 * bs])
     for m in MODES:
-        one(m, warm)
+        one(m, warm if m != "kd_seeded_cached" else train)  # the seeded cache holds the views of the whole set
     per_mode: dict[str, list[float]] = {m: [] for m in MODES}
     ratios: dict[str, list[float]] = {m: [] for m in MODES}
     for r in range(reps):
-        order = MODES[r % 3:] + MODES[: r % 3]  # rotate so no mode always runs first after a pause
+        order = MODES[r % len(MODES):] + MODES[: r % len(MODES)]  # rotate: no mode always runs first after a pause
         got = {m: one(m, train) for m in order}
         for m in MODES:
             per_mode[m].append(got[m])
@@ -80,7 +95,10 @@ def run(args) -> common.Section:
         f"({s_params / 1e6:.2f}M params), teacher timm `{TEACHER}` ({t_params / 1e6:.2f}M params). "
         "Modes: `ce` = `CEObjective`; `kd_cached` = `DistillObjective(create_loss('kd'), TeacherProvider([teacher]), "
         "alpha=0.9)` after `provider.precompute(train.x)`; `kd_live` = the same without the precompute (teacher "
-        "forward in eval mode under no_grad every step).",
+        "forward in eval mode under no_grad every step). With augmentation (random crop, padding "
+        f"{PAD}, h-flip): `kd_seeded_cached` = `fit(..., augment_seed={SEED})` with the provider's store over "
+        "`EpochViews` (the teacher's outputs for the epoch's views already computed, as in every trial after a "
+        "study's first); `kd_aug_live` = augmentation drawn per batch, teacher live.",
         "",
         f"Throughput = training images of one epoch / `EpochStats.seconds` (that time includes evaluating a 64-image "
         f"validation set once). {reps} repetition(s) of one 1-epoch `fit` per mode, modes in rotating order, after a "
@@ -94,15 +112,44 @@ def run(args) -> common.Section:
         f"({n / precompute_s:.0f} images/s)" + (
             f" — paid back after {precompute_s / saved:.2f} epochs of the live-minus-cached difference." if saved > 0
             else "."),
+        "",
+        f"With seeded augmentation the teacher pass is per epoch ({per_epoch_s:.2f} s here for epoch 0's "
+        f"{n} views), paid once per epoch by the whole study: a sweep of k trials of E epochs runs the teacher over "
+        "E epochs instead of k·E.",
     ]
+    if args.compile:
+        body += ["", *compiled_rows(one, train, warm, device, reps)]
     if args.quick:
         body += ["", "_Quick mode: 512 images, one repetition._"]
     goals = [
         common.Goal(f"KD step with cached teacher ≤ {GOAL:.2f}× the CE-only step", rat["kd_cached"] <= GOAL,
                     f"{rat['kd_cached']:.3f}× (range {min(ratios['kd_cached']):.3f}–{max(ratios['kd_cached']):.3f}); "
-                    f"live teacher {rat['kd_live']:.2f}×"),
+                    f"live teacher {rat['kd_live']:.2f}×; with augmentation, per-epoch cache "
+                    f"{rat['kd_seeded_cached']:.3f}×, live {rat['kd_aug_live']:.2f}×"),
     ]
     return common.Section("2. Student training step: CE vs KD (cached / live teacher)", "\n".join(body), goals)
+
+
+def compiled_rows(one, train, warm, device, reps) -> list[str]:
+    """CE step with the student under ``torch.compile`` (inductor, default mode) vs eager, paired per repetition.
+    The first compiled fit pays the compile; later fits of the same architecture reuse the compiled code."""
+    t0 = time.perf_counter()
+    one("ce", warm, compile_mode="default")
+    compile_s = time.perf_counter() - t0
+    eager, comp, ratios = [], [], []
+    for r in range(max(3, reps // 2)):
+        pair = [("ce", None), ("ce", "default")][:: 1 if r % 2 == 0 else -1]
+        got = {cm: one(m, train, compile_mode=cm) for m, cm in pair}
+        eager.append(got[None])
+        comp.append(got["default"])
+        ratios.append(got["default"] / got[None])
+    return [
+        f"`train.compile` (inductor, default mode), CE step, device `{device}`: the first compiled `fit` (two "
+        f"batches) took {compile_s:.1f} s (the compile); then {common.median(comp):.0f} images/s compiled vs "
+        f"{common.median(eager):.0f} eager (each rep: {', '.join(f'{x:.0f}' for x in comp)} vs "
+        f"{', '.join(f'{x:.0f}' for x in eager)}), speed-up {common.median(ratios):.2f}× (median of paired "
+        f"ratios, range {min(ratios):.2f}–{max(ratios):.2f}).",
+    ]
 
 
 if __name__ == "__main__":

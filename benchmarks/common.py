@@ -44,6 +44,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     # one thread by default: on a shared machine a second intra-op thread that gets descheduled stalls every
     # parallel region (seen here: 2 threads up to 10x slower than 1 under load), which swamps the medians
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--compile", action="store_true",
+                   help="benchmark 2 also times the CE step under torch.compile (the compile takes ~1 min on CPU)")
     return p
 
 
