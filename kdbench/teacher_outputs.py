@@ -103,8 +103,11 @@ class OutputStore:
         return out
 
     def _compute(self, slot: int) -> Outputs:
-        x = self.inputs(slot) if self.per_epoch else self.inputs
-        parts = [self.compute(x[i: i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)]
+        if self.per_epoch:  # the epoch's views, a batch at a time: the whole augmented set is never held
+            parts = [self.compute(v) for v in self.inputs.chunks(slot, self.batch_size)]
+        else:
+            x = self.inputs
+            parts = [self.compute(x[i: i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)]
         self.computed += 1
         return Outputs(
             logits=torch.cat([p.logits for p in parts]),

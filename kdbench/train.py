@@ -344,17 +344,15 @@ def fit(
     def one_epoch(epoch: int) -> EpochStats:
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=gen, device=device)
-        epoch_x = seeded(epoch) if seeded is not None else None
         total = torch.zeros((), device=device)
         parts: dict[str, torch.Tensor] = {}
         for it in range(steps):
             idx = perm[it * bs: (it + 1) * bs]
-            if epoch_x is not None:
-                x = epoch_x[idx]
-            else:
-                x = train.x[idx]
-                if augment:
-                    x = random_crop_flip(x, gen, augment_pad, hflip)
+            x = train.x[idx]
+            if seeded is not None:
+                x = seeded.batch(epoch, idx, x)
+            elif augment:
+                x = random_crop_flip(x, gen, augment_pad, hflip)
             if channels_last:
                 x = x.contiguous(memory_format=fmt)
             views = [random_crop_flip(train.x[idx], gen, view_pad, hflip)] if want_views else None

@@ -43,26 +43,39 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int, hfli
 
 
 class EpochViews:
-    """The whole training set as augmented in epoch ``e``, drawn from ``(seed, e)`` alone: independent of the run's
-    seed, the batch order and the device. The last epoch asked for is kept, so a training loop and a teacher cache
-    asking for the same epoch share one tensor."""
+    """Augmentation seeded per (epoch, sample): each sample's crop offsets and flip in epoch ``e`` are drawn from
+    ``(seed, e)`` alone, independent of the run's seed, the batch order and the device. The draws of the last epoch
+    asked for are kept; views are made per batch (:meth:`batch`) or for the whole set (:meth:`__call__`)."""
 
-    def __init__(self, x: torch.Tensor, pad: int, hflip: bool, seed: int, chunk: int = 4096):
+    def __init__(self, x, pad: int, hflip: bool, seed: int, chunk: int = 4096):
         self.x, self.pad, self.hflip, self.seed, self.chunk = x, pad, hflip, int(seed), chunk
+        self._draws: Optional[tuple[int, tuple]] = None
         self._last: Optional[tuple[int, torch.Tensor]] = None
 
     def spec(self) -> dict:
         return {"augment_seed": self.seed, "pad": self.pad, "hflip": self.hflip}
 
+    def draws(self, epoch: int) -> tuple:
+        """(row offsets, column offsets, flips) of every sample in ``epoch``, on the data's device."""
+        if self._draws is None or self._draws[0] != epoch:
+            # one generator per epoch, seeded from (seed, epoch): epoch e's views do not depend on earlier epochs
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(epoch))
+            d = draw_crop_flip(self.x.shape[0], g, self.pad, self.hflip)
+            self._draws = (epoch, tuple(None if t is None else t.to(self.x.device) for t in d))
+        return self._draws[1]
+
+    def batch(self, epoch: int, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The views of samples ``idx`` (whose images are ``x``) in ``epoch``."""
+        return apply_crop_flip(x, self.pad, *(None if t is None else t[idx] for t in self.draws(epoch)))
+
+    def chunks(self, epoch: int, size: int):
+        """The views of the whole set in order, ``size`` samples at a time."""
+        n = self.x.shape[0]
+        for i in range(0, n, size):
+            idx = torch.arange(i, min(i + size, n), device=self.x.device)
+            yield self.batch(epoch, idx, self.x[i: i + size])
+
     def __call__(self, epoch: int) -> torch.Tensor:
-        if self._last is not None and self._last[0] == epoch:
-            return self._last[1]
-        # one generator per epoch, seeded from (seed, epoch): epoch e's views do not depend on earlier epochs
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(epoch))
-        oy, ox, flip = draw_crop_flip(self.x.shape[0], g, self.pad, self.hflip)
-        part = lambda t, i: None if t is None else t[i: i + self.chunk]  # noqa: E731
-        # applied in chunks so the padded copy stays small
-        views = torch.cat([apply_crop_flip(self.x[i: i + self.chunk], self.pad, part(oy, i), part(ox, i), part(flip, i))
-                           for i in range(0, self.x.shape[0], self.chunk)])
-        self._last = (epoch, views)
-        return views
+        if self._last is None or self._last[0] != epoch:
+            self._last = (epoch, torch.cat(list(self.chunks(epoch, self.chunk))))
+        return self._last[1]
