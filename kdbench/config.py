@@ -61,11 +61,18 @@ class DataConfig(StrictModel):
     #: run of the study, so the teacher's outputs on them are computed once per epoch and cached. Unset: drawn
     #: afresh in every run (the teacher then runs live).
     augment_seed: Optional[int] = Field(None, exclude_if=lambda v: v is None)
+    #: an image folder too large for memory: decode its images from the files batch by batch, in DataLoader
+    #: workers (pinned memory, persistent workers), instead of holding the data set on the device
+    stream: bool = Field(False, exclude_if=lambda v: not v)
+    #: DataLoader worker processes for a streamed data set
+    workers: int = Field(4, ge=0, exclude_if=lambda v: v == 4)
 
     @model_validator(mode="after")
     def _augment_seed(self) -> "DataConfig":
         if self.augment_seed is not None and not self.augment:
             raise ValueError("augment_seed needs augment: true")
+        if self.stream and self.dataset != "imagefolder":
+            raise ValueError(f"stream: only image folders are streamed; {self.dataset!r} is held in memory")
         return self
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from kdbench.data import TensorSet
 from kdbench.data.augment import EpochViews, random_crop_flip
+from kdbench.data.streaming import FileImages, loader
 from kdbench.errors import KdbenchError
 from kdbench.losses import DistillLoss, Outputs
 from kdbench.losses.base import LossContext
@@ -127,14 +128,25 @@ def make_scheduler(opt: torch.optim.Optimizer, recipe):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
+def _in_order(x, batch_size: int):
+    """``x`` in order, a batch at a time: slices of a tensor, or a streamed data set's DataLoader batches."""
+    if isinstance(x, FileImages):
+        # worker processes only pay off beyond one batch: a small evaluation set is decoded in this process
+        for xb, _ in loader(x, batch_size=batch_size, workers=x.workers if len(x) > batch_size else 0):
+            yield xb.to(x.device, non_blocking=True)
+    else:
+        for i in range(0, x.shape[0], batch_size):
+            yield x[i: i + batch_size]
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512, precision: str = "fp32") -> torch.Tensor:
     was_training = model.training
     model.eval()
     out = []
-    for i in range(0, x.shape[0], batch_size):
+    for xb in _in_order(x, batch_size):
         with autocast(x.device, precision):
-            out.append(model(x[i: i + batch_size]).float())
+            out.append(model(xb).float())
     model.train(was_training)
     return torch.cat(out)
 
@@ -340,22 +352,33 @@ def fit(
     steps = n // bs  # drop the last partial batch: BatchNorm and batch-level losses need full batches
     augment = bool(augment_pad or hflip)
     seeded = EpochViews(train.x, augment_pad, hflip, augment_seed) if augment and augment_seed is not None else None
+    # a streamed data set comes through a DataLoader whose batch order is drawn from the run's seed on the CPU
+    streamed = (loader(train.x, batch_size=bs, generator=torch.Generator().manual_seed(seed), persistent=True)
+                if isinstance(train.x, FileImages) else None)
+
+    def batches():
+        if streamed is not None:
+            for xb, ib in streamed:
+                yield xb.to(device, non_blocking=True), ib.to(device, non_blocking=True)
+            return
+        perm = torch.randperm(n, generator=gen, device=device)
+        for it in range(steps):
+            idx = perm[it * bs: (it + 1) * bs]
+            yield train.x[idx], idx
 
     def one_epoch(epoch: int) -> EpochStats:
         t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=gen, device=device)
         total = torch.zeros((), device=device)
         parts: dict[str, torch.Tensor] = {}
-        for it in range(steps):
-            idx = perm[it * bs: (it + 1) * bs]
-            x = train.x[idx]
+        for it, (raw, idx) in enumerate(batches()):
+            x = raw
             if seeded is not None:
                 x = seeded.batch(epoch, idx, x)
             elif augment:
                 x = random_crop_flip(x, gen, augment_pad, hflip)
             if channels_last:
                 x = x.contiguous(memory_format=fmt)
-            views = [random_crop_flip(train.x[idx], gen, view_pad, hflip)] if want_views else None
+            views = [random_crop_flip(raw, gen, view_pad, hflip)] if want_views else None
             batch = Batch(x=x, y=train.y[idx], idx=idx, epoch=epoch + it / steps, views=views)
             with autocast(device, precision):
                 loss, terms = objective(model, batch)

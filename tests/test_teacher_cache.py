@@ -181,7 +181,7 @@ def test_study_with_seeded_augmentation_caches_teacher_outputs_on_disk(tmp_path,
         "train": {"epochs": 2, "batch_size": 32, "device": "cpu", "teacher_cache": "disk"},
         "losses": ["kd"],
         "sweep": {"trials": 2, "seed": 0},
-        "confirm": {"seeds": 1},
+        "confirm": {"seeds": 1, "log_model": False},
     }
     path = tmp_path / "seeded.yaml"
     path.write_text(yaml.safe_dump(study))

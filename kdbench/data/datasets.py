@@ -18,6 +18,7 @@ from sklearn.model_selection import train_test_split
 
 from kdbench.data import readers
 from kdbench.data.readers import RawData
+from kdbench.data.streaming import FileImages, channel_stats
 from kdbench.errors import KdbenchError
 
 
@@ -175,17 +176,16 @@ def load_data(cfg) -> DataBundle:
         loader = DATASETS[cfg.dataset]
     except KeyError:
         raise KdbenchError(f"data.dataset: unknown data set {cfg.dataset!r}; known: {sorted(DATASETS)}") from None
+    if cfg.stream:
+        return _load_streamed(cfg)
     raw = loader(cfg)
-    y, s = raw.y, cfg.splits
+    y = raw.y
     xt = _resize(raw.x, cfg.image_size)
     yt = torch.from_numpy(y)
-    if raw.x_test is None:
-        tr, va, te = _split(y, (s.train, s.val, s.test), cfg.seed)
+    tr, va, te = _positions(y, raw.x_test is not None, cfg)
+    if te is not None:
         x_test, y_test = xt[te], yt[te]
     else:
-        tr, va = train_test_split(np.arange(len(y)), test_size=s.val / (s.train + s.val), stratify=y,
-                                  random_state=cfg.seed)
-        tr, va = np.sort(tr), np.sort(va)
         x_test, y_test = _resize(raw.x_test, cfg.image_size), torch.from_numpy(raw.y_test)
     train = TensorSet(xt[tr].contiguous(), yt[tr].contiguous())
     val = TensorSet(xt[va].contiguous(), yt[va].contiguous())
@@ -198,11 +198,29 @@ def load_data(cfg) -> DataBundle:
         std = std if std > 0 else torch.ones_like(std)  # a constant channel: centre it only
         for part in (train, val, test):
             part.x[:, c].sub_(mean).div_(std)
-    pos, ys, flipped = student_labels(y[tr], cfg.student_fraction, cfg.student_label_noise, num_classes, cfg.seed)
-    # the student sees every training image when fraction is 1: share the tensor rather than copy it
-    student_x = train.x if len(pos) == len(train) else train.x[pos].contiguous()
+    return _bundle(cfg, train, val, test, y[tr], num_classes, hflip)
+
+
+def _positions(y: np.ndarray, has_test: bool, cfg):
+    """Train, val and test positions (test None when the data set has an official test split)."""
+    s = cfg.splits
+    if not has_test:
+        return _split(y, (s.train, s.val, s.test), cfg.seed)
+    tr, va = train_test_split(np.arange(len(y)), test_size=s.val / (s.train + s.val), stratify=y,
+                              random_state=cfg.seed)
+    return np.sort(tr), np.sort(va), None
+
+
+def _bundle(cfg, train: TensorSet, val: TensorSet, test: TensorSet, y_train: np.ndarray, num_classes: int,
+            hflip: bool) -> DataBundle:
+    pos, ys, flipped = student_labels(y_train, cfg.student_fraction, cfg.student_label_noise, num_classes, cfg.seed)
+    # the student sees every training image when fraction is 1: share the images rather than copy them
+    if len(pos) == len(train):
+        student_x = train.x
+    else:
+        student_x = train.x.subset(pos) if isinstance(train.x, FileImages) else train.x[pos].contiguous()
     student = TensorSet(student_x, torch.from_numpy(ys))
-    body = cfg.model_dump(mode="json", exclude={"download"})  # where the files came from does not change them
+    body = cfg.model_dump(mode="json", exclude={"download", "workers"})  # how the files are read changes nothing
     fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
     return DataBundle(
         name=cfg.dataset,
@@ -218,3 +236,26 @@ def load_data(cfg) -> DataBundle:
         fingerprint=fingerprint,
         hflip=hflip,
     )
+
+
+def _load_streamed(cfg) -> DataBundle:
+    """An image folder read from its files batch by batch (``data.stream``): the same splits, label budget and
+    noise as in memory; RGB; per-channel statistics from a seeded sample of the training split."""
+    if cfg.dataset != "imagefolder":
+        raise KdbenchError(f"data.stream: only image folders are streamed; {cfg.dataset!r} is held in memory")
+    if cfg.download:
+        raise KdbenchError(NO_FOLDER_DOWNLOAD)
+    files, y, test_files, y_test, classes = readers.image_folder_files(data_root(cfg))
+    tr, va, te = _positions(y, test_files is not None, cfg)
+    every = FileImages(files, cfg.image_size, workers=cfg.workers)
+    mean, std = channel_stats(every.subset(tr), cfg.seed)
+    every = every.normalised_by(mean, std)
+    yt = torch.from_numpy(y)
+    if te is not None:
+        test = TensorSet(every.subset(te), yt[te])
+    else:
+        test = TensorSet(FileImages(test_files, cfg.image_size, mean, std, workers=cfg.workers),
+                         torch.from_numpy(y_test))
+    train = TensorSet(every.subset(tr), yt[tr].contiguous())
+    val = TensorSet(every.subset(va), yt[va].contiguous())
+    return _bundle(cfg, train, val, test, y[tr], len(classes), True)

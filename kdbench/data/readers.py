@@ -259,6 +259,20 @@ def image_folder_classes(root: Path) -> tuple[Path, Optional[Path], list[str]]:
     return train, test, classes
 
 
+def image_folder_files(root: Path) -> tuple[list[Path], np.ndarray, Optional[list[Path]], Optional[np.ndarray], list[str]]:
+    """The files and labels of an image folder, without reading any image: (training files, labels, test files
+    or None, test labels or None, class names)."""
+    train, test, classes = image_folder_classes(root)
+
+    def tree(folder: Path) -> tuple[list[Path], np.ndarray]:
+        pairs = [(p, i) for i, c in enumerate(classes) if (folder / c).is_dir() for p in _images(folder / c)]
+        return [p for p, _ in pairs], np.array([i for _, i in pairs], dtype=np.int64)
+
+    files, y = tree(train)
+    test_files, y_test = tree(test) if test is not None else (None, None)
+    return files, y, test_files, y_test, classes
+
+
 def read_image_folder(root: Path, size: int) -> RawData:
     """Every image resized to size×size (bilinear); 1 channel when every image is grayscale, else RGB."""
     train, test, classes = image_folder_classes(root)

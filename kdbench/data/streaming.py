@@ -1,0 +1,153 @@
+"""Image folders too large to hold in memory (``data.stream: true``): images are decoded from their files batch by
+batch, in DataLoader worker processes with pinned memory and persistent workers, instead of being held as one
+tensor on the device.
+
+:class:`FileImages` stands in for the ``(N, C, H, W)`` tensor of an in-memory data set: indexing it decodes those
+images (on the device it was moved to), so probes, evaluation and the teacher-output cache work unchanged, and
+:func:`loader` gives the DataLoader that training and evaluation iterate. Images are always RGB; per-channel mean
+and std come from a seeded sample of the training split (:data:`STATS_SAMPLE` images).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from kdbench.errors import KdbenchError
+
+STATS_SAMPLE = 2000
+
+
+def decode(path: Path, size: int) -> np.ndarray:
+    """One image as (3, size, size) uint8, resized bilinearly like the in-memory reader."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            return np.array(im, dtype=np.uint8).transpose(2, 0, 1)  # a copy: writable, as torch wants
+    except OSError as e:
+        raise KdbenchError(f"{path}: cannot read image ({e})") from None
+
+
+class FileImages:
+    """Normalised float32 images decoded from ``files`` on demand; ``x[key]`` (an int, slice or index tensor)
+    returns those images as a tensor on :attr:`device`."""
+
+    def __init__(self, files: Sequence[Path], size: int, mean: Optional[torch.Tensor] = None,
+                 std: Optional[torch.Tensor] = None, device: Union[str, torch.device] = "cpu", workers: int = 0):
+        self.files, self.size, self.workers = list(files), size, workers
+        self.mean = mean if mean is not None else torch.zeros(3)
+        self.std = std if std is not None else torch.ones(3)
+        self.device = torch.device(device)
+        self.dtype = torch.float32
+
+    # -- tensor-like -----------------------------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.files), 3, self.size, self.size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, i: int) -> torch.Tensor:
+        """Image ``i``, normalised, on the CPU (what a DataLoader worker returns)."""
+        x = torch.from_numpy(decode(self.files[i], self.size)).float().div_(255.0)
+        return x.sub_(self.mean[:, None, None]).div_(self.std[:, None, None])
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, int):
+            return self.load(key).to(self.device)
+        if isinstance(key, slice):
+            positions = range(len(self.files))[key]
+        else:
+            positions = torch.as_tensor(key).reshape(-1).tolist()
+        if not positions:
+            return torch.empty((0, 3, self.size, self.size), device=self.device)
+        return torch.stack([self.load(i) for i in positions]).to(self.device)
+
+    def to(self, device, **_) -> "FileImages":
+        return self._like(self.files, device=device)
+
+    def contiguous(self, **_) -> "FileImages":
+        return self
+
+    def subset(self, positions: Sequence[int]) -> "FileImages":
+        return self._like([self.files[int(i)] for i in positions])
+
+    def _like(self, files, device=None) -> "FileImages":
+        return FileImages(files, self.size, self.mean, self.std, self.device if device is None else device,
+                          self.workers)
+
+    def normalised_by(self, mean: torch.Tensor, std: torch.Tensor) -> "FileImages":
+        out = self._like(self.files)
+        out.mean, out.std = mean, std
+        return out
+
+
+def channel_stats(images: FileImages, seed: int, n: int = STATS_SAMPLE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of [0, 1] pixels over a seeded sample of ``n`` images."""
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(images), size=min(n, len(images)), replace=False))
+    raw = images.normalised_by(torch.zeros(3), torch.ones(3))
+    total, sq, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
+    for x in loader(raw, positions=pick, batch_size=256):
+        x = x[0].double()
+        total += x.sum((0, 2, 3))
+        sq += (x * x).sum((0, 2, 3))
+        count += x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total / count
+    std = (sq / count - mean * mean).clamp_min(0).sqrt()
+    std = torch.where(std > 0, std, torch.ones_like(std))  # a constant channel: centre it only
+    return mean.float(), std.float()
+
+
+# -- batches through a DataLoader --------------------------------------------------------------------------------------
+class _Indexed(Dataset):
+    def __init__(self, images: FileImages):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.images.load(i), i
+
+
+class EpochBatches(Sampler):
+    """Index batches of each epoch: a permutation from ``generator`` (the run's seed), full batches only; or fixed
+    positions in order."""
+
+    def __init__(self, n: int, batch_size: int, generator: Optional[torch.Generator] = None,
+                 positions: Optional[Sequence[int]] = None, drop_last: bool = True):
+        self.n, self.bs, self.gen, self.positions, self.drop_last = n, batch_size, generator, positions, drop_last
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = (torch.randperm(self.n, generator=self.gen).tolist() if self.positions is None
+                 else [int(i) for i in self.positions])
+        stop = len(order) - len(order) % self.bs if self.drop_last else len(order)
+        for i in range(0, stop, self.bs):
+            yield order[i: i + self.bs]
+
+    def __len__(self) -> int:
+        m = self.n if self.positions is None else len(self.positions)
+        return m // self.bs if self.drop_last else -(-m // self.bs)
+
+
+def loader(images: FileImages, *, batch_size: int, generator: Optional[torch.Generator] = None,
+           positions: Optional[Sequence[int]] = None, workers: Optional[int] = None,
+           persistent: bool = False) -> DataLoader:
+    """(images, positions) batches on the CPU: shuffled full batches when ``generator`` is given (training), else
+    ``positions`` (default all) in order with the last partial batch kept (evaluation)."""
+    workers = images.workers if workers is None else workers
+    if generator is None and positions is None:
+        positions = range(len(images))
+    sampler = EpochBatches(len(images), batch_size, generator, positions, drop_last=generator is not None)
+    return DataLoader(_Indexed(images), batch_sampler=sampler, num_workers=workers,
+                      pin_memory=images.device.type == "cuda", persistent_workers=persistent and workers > 0,
+                      prefetch_factor=4 if workers > 0 else None)
