@@ -17,6 +17,7 @@ from pathlib import Path
 import common
 
 import bench_bookkeeping
+import bench_cifar_trial
 import bench_losses
 import bench_sweep
 import bench_train_step
@@ -26,12 +27,14 @@ BENCHMARKS = {
     "train_step": (bench_train_step, "2. Student training step: CE vs KD (cached / live teacher)"),
     "bookkeeping": (bench_bookkeeping, "3. Bookkeeping share of a quickstart trial"),
     "sweep": (bench_sweep, "4. Sweep efficiency: median pruner vs none"),
+    "cifar_trial": (bench_cifar_trial, "5. A CIFAR-100-sized trial"),
 }
 
 
 def main(argv=None) -> int:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run only these benchmarks")
+    bench_cifar_trial.add_args(p)
     p.add_argument("--out", type=Path, default=common.REPORT, help=f"default {common.REPORT}")
     args = p.parse_args(argv)
     common.setup(args)
