@@ -6,6 +6,7 @@ reported is the median of those paired ratios.
 """
 from __future__ import annotations
 
+import time
 
 import torch
 import torch.nn.functional as F
@@ -136,7 +137,13 @@ def run(args) -> common.Section:
     else:
         budget = 3 * 2**30  # the machine is shared: CRCD may take at most ~3 GiB
     names = list_losses()
-    if args.quick:  # one loss per family and the memory-hungry CRCD path
+    only = getattr(args, "loss_names", None)  # bench_losses.py --only kd,dkd (run on its own)
+    if only:
+        unknown = sorted(set(only) - set(names))
+        if unknown:
+            raise SystemExit(f"--only: unknown loss(es) {', '.join(unknown)}")
+        names = [n for n in names if n in only]
+    elif args.quick:  # one loss per family and the memory-hungry CRCD path
         seen, pick = set(), []
         for n in names:
             fam = load_card(n).family
@@ -206,5 +213,20 @@ def run(args) -> common.Section:
     return common.Section("1. Loss cost relative to cross-entropy", "\n".join(body), goals)
 
 
+def main() -> None:
+    """Run on its own: like ``common.main_alone``, plus ``--only`` to measure a subset of the losses."""
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--only", dest="loss_names", type=lambda s: [n for n in s.split(",") if n],
+                   help="comma-separated loss names to measure (default: all; 'logit' = the logit family)")
+    args = p.parse_args()
+    if args.loss_names == ["logit"]:
+        args.loss_names = [n for n in list_losses() if load_card(n).family == "logit"]
+    common.setup(args)
+    t0 = time.perf_counter()
+    section = run(args)
+    section.seconds = time.perf_counter() - t0
+    print(common.render(section))
+
+
 if __name__ == "__main__":
-    common.main_alone(run, __doc__.splitlines()[0])
+    main()

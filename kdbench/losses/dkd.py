@@ -12,7 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdbench.errors import KdbenchError
-from kdbench.losses.base import DistillLoss, check_temperature, kl_rows, register_loss
+from kdbench.losses.base import DistillLoss, check_temperature, register_loss
+from kdbench.losses.kd import LOG2E, first_order_only
+
+LN2 = math.log(2.0)
 
 
 def hard_labels(labels: Tensor) -> Tensor:
@@ -20,17 +23,60 @@ def hard_labels(labels: Tensor) -> Tensor:
     return (labels.argmax(dim=1) if labels.dim() == 2 else labels).long()
 
 
-def target_mask(z: Tensor, y: Tensor) -> Tensor:
-    """(B, C) bool, True at each row's label; one_hot itself rejects labels outside [0, C)."""
+def check_classes(z: Tensor) -> None:
     if z.shape[1] < 2:
         raise ValueError(f"target/non-target split needs at least 2 classes, got {z.shape[1]}")
-    return F.one_hot(y.to(z.device), z.shape[1]).bool()
 
 
-def non_target(z: Tensor, mask: Tensor) -> Tensor:
-    """(B, C − 1): each row without its target column. Dropping the column (rather than adding −1000 as the
-    reference does) keeps p̂ exact even when |z/T| ≫ 1000."""
-    return z[~mask].view(z.shape[0], z.shape[1] - 1)
+def non_target_exp2(z: Tensor, y1: Tensor, c2: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The non-target softmax of z/T, in base 2, without dropping a column: (sh, e, s) with
+    sh = (z − m)·log2(e)/T, m the row's non-target max, e = 2^sh with the target entry set to 0, s = Σ_c e.
+    So p̂_c = e_c/s (c ≠ y), log p̂_c = ln 2·(sh_c − log2 s), and the non-target lse of z/T is m/T + ln s.
+    Taking m over the non-target logits only keeps p̂ exact even when the target is ≫ 1000 above the rest (as
+    dropping the column did, unlike the reference's −1000). ``y1`` is (B, 1) labels, c2 = log2(e)/T.
+    exp2 rather than exp: ~3× faster on CPU."""
+    m = z.scatter(1, y1, float("-inf")).amax(dim=1, keepdim=True)
+    sh = (z - m).mul_(c2)  # exactly 0 at the max (not z·c2 − m·c2)
+    e = torch.exp2(sh).scatter_(1, y1, 0.0)  # the target's 2^sh may overflow to inf: it is overwritten
+    return sh, e, e.sum(dim=1, keepdim=True)
+
+
+class _DKDRows(torch.autograd.Function):
+    """Per-row k·(α·TCKD + β·NCKD), k = warm-up·T², with a closed-form gradient (one autograd node, not ~30).
+
+    With a = z/T, p̂ the non-target softmax and d = a_y − lse_{c≠y}(a) the target's logit against the rest,
+    [p_y, 1 − p_y] = [σ(d), σ(−d)], so TCKD = σ(d_t)(d_t − d_s) − softplus(d_t) + softplus(d_s) (the binary KL,
+    no log of a sum of probabilities, hence no clamp) and NCKD = Σ_c p̂_t(log p̂_t − log p̂_s). Gradient in a:
+    at c ≠ y, β(p̂_s − p̂_t) − α·δ·p̂_s; at y, α·δ; δ = σ(d_s) − σ(d_t) (since ∂d_s/∂a_c = −p̂_s,c, ∂d_s/∂a_y = 1).
+    """
+
+    @staticmethod
+    def forward(ctx, zs: Tensor, zt: Tensor, y1: Tensor, t: float, alpha: float, beta: float, k: float) -> Tensor:
+        c2 = LOG2E / t
+        sh_s, e_s, s_s = non_target_exp2(zs, y1, c2)
+        sh_t, e_t, s_t = non_target_exp2(zt, y1, c2)
+        l2s_s, l2s_t = s_s.log2(), s_t.log2()
+        # NCKD/ln 2 = Σ_c e_t (sh_t − sh_s)/s_t − (log2 s_t − log2 s_s)
+        nckd = (sh_t - sh_s).mul_(e_t).sum(dim=1, keepdim=True).div_(s_t).add_(l2s_s).sub_(l2s_t)
+        ds = sh_s.gather(1, y1).sub_(l2s_s).mul_(LN2)
+        dt = sh_t.gather(1, y1).sub_(l2s_t).mul_(LN2)
+        sig_s, sig_t = torch.sigmoid(ds), torch.sigmoid(dt)
+        tckd = (dt - ds).mul_(sig_t).add_(F.softplus(ds)).sub_(F.softplus(dt))
+        values = tckd.mul_(alpha * k).add_(nckd, alpha=beta * k * LN2).squeeze(1)
+        ctx.saved = e_s, e_t, s_s, s_t, sig_s.sub_(sig_t), y1  # δ = σ(d_s) − σ(d_t)
+        ctx.coefs = alpha, beta, k / t
+        return values
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        first_order_only()
+        e_s, e_t, s_s, s_t, delta, y1 = ctx.saved
+        alpha, beta, kt = ctx.coefs
+        g = (grad * kt).unsqueeze(1)
+        delta_a = (delta * g).mul_(alpha)  # α·δ, times the upstream gradient
+        out = e_s * (g * beta).sub_(delta_a).div_(s_s)  # (β − αδ)·p̂_s
+        out.addcmul_(e_t, (g * -beta).div_(s_t))  # − β·p̂_t
+        return out.scatter_(1, y1, delta_a), None, None, None, None, None, None
 
 
 def _check_weight(name: str, value: float) -> float:
@@ -58,18 +104,9 @@ class DKDLoss(DistillLoss):
         return min((math.floor(epoch) + 1) / self.warmup, 1.0)
 
     def per_sample(self, student, teacher, labels, epoch):
+        zs = student.logits.float()
+        check_classes(zs)
+        y1 = hard_labels(labels).to(zs.device).reshape(-1, 1)
         t = self.temperature
-        zs, zt = student.logits.float() / t, teacher.logits.float() / t
-        mask = target_mask(zs, hard_labels(labels))
-        tckd = kl_rows(self._binary_log(zt, mask), self._binary_log(zs, mask))
-        nckd = kl_rows(F.log_softmax(non_target(zt, mask), dim=1), F.log_softmax(non_target(zs, mask), dim=1))
-        return self.warmup_factor(epoch) * t * t * (self.alpha * tckd + self.beta * nckd)
-
-    @staticmethod
-    def _binary_log(z: Tensor, mask: Tensor) -> Tensor:
-        """log [p_y, 1 − p_y] as logsumexp differences: log(1 − p_y) never takes log(0), so no clamp is needed
-        and the value stays exact (a clamp would bias TCKD when p_y → 1)."""
-        lse = torch.logsumexp(z, dim=1)
-        log_py = z[mask] - lse
-        log_rest = torch.logsumexp(non_target(z, mask), dim=1) - lse
-        return torch.stack([log_py, log_rest], dim=1)
+        return _DKDRows.apply(zs, teacher.logits.float().detach(), y1, t, self.alpha, self.beta,
+                              self.warmup_factor(epoch) * t * t)

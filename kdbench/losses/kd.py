@@ -1,9 +1,63 @@
 """Hinton KD: T² · KL(p_t^T || p_s^T), batchmean (sum over classes, mean over the batch)."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from kdbench.losses.base import DistillLoss, check_temperature, kl_rows, register_loss
+from kdbench.losses.base import DistillLoss, check_temperature, register_loss
+
+
+LOG2E = 1.4426950408889634  # log2(e)
+
+
+def scaled(z: Tensor, t: float) -> Tensor:
+    """z / T, skipping the op at T = 1 (x / 1 is x exactly)."""
+    return z if t == 1.0 else z / t
+
+
+def first_order_only() -> None:
+    """Called at the top of a hand-written backward: its saved tensors carry no graph, so a double backward
+    (create_graph=True) would be silently wrong. (Cheaper than ``once_differentiable``, ~6 µs a call.)"""
+    if torch.is_grad_enabled():
+        raise RuntimeError("this loss has a hand-written first-order gradient; double backward is not supported")
+
+
+def fast_exp(x: Tensor) -> Tensor:
+    """exp(x) computed as 2^(x·log2 e): on CPU exp2 runs ~3× faster than exp (9 vs 27 µs on 256×100 float32).
+    Used on log-probabilities, where rounding x·log2 e costs ~|x|·1e-7 relative on values that are then e^x."""
+    return (x * LOG2E).exp2_()
+
+
+class _KDRows(torch.autograd.Function):
+    """Per-row T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)) with its closed-form gradient T·(p_s − p_t).
+
+    One autograd node instead of five: at B=256, C=100 on CPU the cost is the number of ops, not the flops.
+    Only first-order gradients (see :func:`first_order_only`)."""
+
+    @staticmethod
+    def forward(ctx, zs: Tensor, zt: Tensor, t: float) -> Tensor:
+        log_ps = F.log_softmax(scaled(zs, t), dim=1)
+        log_pt = F.log_softmax(scaled(zt, t), dim=1)
+        pt = fast_exp(log_pt)
+        # Σ p_t (log p_t − log p_s), as kl_rows: finite even where probabilities underflow to 0. In-place ops on
+        # buffers made here: fewer fresh B×C buffers is measurably faster at this size
+        values = log_pt.sub_(log_ps).mul_(pt).sum(dim=1).mul_(t * t)
+        # intermediates (not inputs or outputs) may live on ctx; cheaper than save_for_backward
+        ctx.log_ps, ctx.pt, ctx.t = log_ps, pt, t
+        return values
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        first_order_only()
+        log_ps, pt = ctx.log_ps, ctx.pt
+        # d(T²·KL)/dz_s = T²·(p_s − p_t)/T; the teacher is a constant
+        return fast_exp(log_ps).sub_(pt).mul_((grad * ctx.t).unsqueeze(1)), None, None
+
+
+def kd_rows(zs: Tensor, zt: Tensor, t: float) -> Tensor:
+    """Per-row T²·KL(p_t^T ‖ p_s^T); the gradient reaches ``zs`` only."""
+    return _KDRows.apply(zs, zt.detach(), t)
 
 
 @register_loss("kd")
@@ -13,8 +67,5 @@ class KDLoss(DistillLoss):
         self.temperature = check_temperature(temperature)
 
     def per_sample(self, student, teacher, labels, epoch):
-        t = self.temperature
-        log_ps = F.log_softmax(student.logits.float() / t, dim=1)
-        log_pt = F.log_softmax(teacher.logits.float() / t, dim=1)
         # T² keeps the gradient scale independent of T (Hinton et al., 2015)
-        return t * t * kl_rows(log_pt, log_ps)
+        return kd_rows(student.logits.float(), teacher.logits.float(), self.temperature)
