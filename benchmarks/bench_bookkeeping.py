@@ -7,6 +7,11 @@ directory while every public ``kdbench.tracking.Tracker`` method and the Optuna 
 timed, and ``StudyRunner._sweep`` so the sweep's wall time is known; what happens in the sweep outside the objectives
 (opening the Optuna study, claiming/asking and telling trials, storage writes, sampling, the progress callback) is
 the sweep wall time minus the objectives. The patches are undone afterwards.
+
+Only time on the trial's own (main) thread counts as bookkeeping: per-epoch metrics queued for the tracker's writer
+thread cost the trial the time to queue them (``log_metrics (queued)``) and the wait for the queue at run end
+(``Tracker.flush``, reported on its own as well, including the flush inside ``end_run``). The writer thread's
+``log_batch`` calls run concurrently with training; they are timed and reported apart, not added.
 """
 from __future__ import annotations
 
@@ -28,7 +33,8 @@ from kdbench.study import run_study
 from kdbench.validate import check_study
 
 GOAL = 0.02
-TRACKER_METHODS = ("start_run", "log_params", "log_metrics", "set_tags", "end_run", "reopen", "log_artifact", "find")
+TRACKER_METHODS = ("start_run", "log_params", "log_metrics", "set_tags", "flush", "end_run", "reopen", "log_artifact",
+                   "find")
 TRIAL_METHODS = ("report", "should_prune", "set_user_attr", "suggest_float", "suggest_int", "suggest_categorical")
 
 
@@ -38,6 +44,7 @@ class TrialTimes:
     seconds: float = 0.0
     state: str = "COMPLETE"
     calls: dict = field(default_factory=dict)  # (lib, method) -> list of seconds
+    flushes: list = field(default_factory=list)  # seconds of every Tracker.flush, nested ones (in end_run) too
 
     def total(self, lib: str) -> float:
         return sum(sum(v) for (lb, _), v in self.calls.items() if lb == lib)
@@ -70,7 +77,8 @@ class Timers:
         self._undo.append((owner, name, owner.__dict__[name]))
         setattr(owner, name, new)
 
-    def wrap(self, owner, name: str, lib: str) -> None:
+    def wrap(self, owner, name: str, lib: str, label=None) -> None:
+        """``label(args, kwargs)``, if given, names the call in the tables (default: the method's name)."""
         if name not in owner.__dict__:  # the library moved on: nothing to time there
             return
         orig = owner.__dict__[name]
@@ -86,9 +94,28 @@ class Timers:
                 return orig(*a, **k)
             finally:
                 timers.local.depth = 0
-                timers._record((lib, name), time.perf_counter() - t0)
+                timers._record((lib, label(a, k) if label else name), time.perf_counter() - t0)
 
         self._patch(owner, name, timed)
+
+    def wrap_flushes(self) -> None:
+        """Every ``Tracker.flush`` on the main thread during a trial, also those nested in ``end_run`` (kept apart
+        from ``calls``: their time is already in the outer call's)."""
+        if "flush" not in vars(tk.Tracker):
+            return
+        orig = vars(tk.Tracker)["flush"]
+        timers = self
+
+        @functools.wraps(orig)
+        def flush(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return orig(*a, **k)
+            finally:
+                if timers.current is not None and threading.current_thread() is threading.main_thread():
+                    timers.current.flushes.append(time.perf_counter() - t0)
+
+        self._patch(tk.Tracker, "flush", flush)
 
     def _objective(self, func):
         timers = self
@@ -149,8 +176,13 @@ class Timers:
 def instrumented():
     timers = Timers()
     try:
+        timers.wrap_flushes()  # beneath the generic timer of flush
+        queued = lambda a, k: "log_metrics (queued)" if k.get("synchronous") is False else "log_metrics"  # noqa: E731
         for m in TRACKER_METHODS:
-            timers.wrap(tk.Tracker, m, "mlflow")
+            timers.wrap(tk.Tracker, m, "mlflow", label=queued if m == "log_metrics" else None)
+        # MLflow calls from the tracker's writer thread (main-thread ones are inside a Tracker method: not timed)
+        from mlflow import MlflowClient
+        timers.wrap(MlflowClient, "log_batch", "mlflow")
         for m in TRIAL_METHODS:
             timers.wrap(optuna.trial.Trial, m, "optuna")
         timers.wrap(optuna.storages.RDBStorage, "record_heartbeat", "optuna")
@@ -236,8 +268,13 @@ def run(args) -> common.Section:
                          key=lambda row: -float(row[3]))
     method_rows.append(("sweep outside the objectives (Optuna study, claim/tell, sampler, callback)", len(recs),
                         f"{1e3 * loop / max(1, len(recs)):.1f}", f"{1e3 * loop:.0f}", f"{100 * loop / wall:.2f}%"))
-    log_metrics = per.get(("mlflow", "log_metrics"), [])
-    beats = [x for v in timers.background.values() for x in v]
+    queued = per.get(("mlflow", "log_metrics (queued)"), [])
+    log_metrics = queued + per.get(("mlflow", "log_metrics"), [])
+    beats = timers.background.get(("optuna", "record_heartbeat"), [])
+    written = timers.background.get(("mlflow", "log_batch"), [])  # by the writer thread, during the whole study
+    flushes = [x for r in recs for x in r.flushes]
+    n_reports = len(per.get(("optuna", "report"), []))
+    n_asked = len(per.get(("optuna", "should_prune"), []))
     body = [
         f"A real study through `run_study`: `studies/quickstart.yaml` (digits, 32×32, resnet18 teacher from the "
         f"cache, `test_resnet` student, {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, median pruner) "
@@ -246,10 +283,13 @@ def run(args) -> common.Section:
         f"sweep, confirm, leaderboard) took {study_seconds:.1f} s; the sweep (`StudyRunner._sweep`, loop "
         f"`{timers.loop_name}`) {wall:.1f} s.",
         "",
-        "Bookkeeping = time inside `Tracker` methods (MLflow) and the Optuna `Trial` calls during each trial, plus "
-        "everything in the sweep outside the trial objectives (sweep wall time − Σ objective time: opening the "
-        "Optuna study, claiming/asking and telling trials, sampling, the progress callback). Trial time = the "
-        "sweep's wall time. Training, evaluation and model creation are the rest of each objective.",
+        "Bookkeeping = time inside `Tracker` methods (MLflow) and the Optuna `Trial` calls on the trial's thread "
+        "during each trial, plus everything in the sweep outside the trial objectives (sweep wall time − Σ objective "
+        "time: opening the Optuna study, claiming/asking and telling trials, sampling, the progress callback). Trial "
+        "time = the sweep's wall time. Training, evaluation and model creation are the rest of each objective. "
+        "Per-epoch metrics are queued for the tracker's writer thread: the trial pays the time to queue them "
+        "(`log_metrics (queued)`) and the wait for the queue when the run ends (`flush`, below); the writer's own "
+        "`log_batch` calls overlap training and are reported apart.",
         "",
         common.table(["trial", "state", "epochs", "objective s", "MLflow ms", "Optuna-in-trial ms",
                       "(MLflow + Optuna) / objective"], rows),
@@ -262,9 +302,19 @@ def run(args) -> common.Section:
         f"MLflow `log_batch` per call on a fresh sqlite store ({lb['metrics']} metrics, one epoch's worth, "
         f"{lb['n']} calls after 3 warm-up calls): median {lb['median_ms']:.1f} ms (min {lb['min_ms']:.1f}, max "
         f"{lb['max_ms']:.1f}); on the study's store after the study: median {lb_study['median_ms']:.1f} ms (min "
-        f"{lb_study['min_ms']:.1f}, max {lb_study['max_ms']:.1f}). Inside the study, `Tracker.log_metrics` (one "
-        "`log_batch` per epoch, with the epoch's own metrics): median "
-        f"{1e3 * common.median(log_metrics):.1f} ms over {len(log_metrics)} calls.",
+        f"{lb_study['min_ms']:.1f}, max {lb_study['max_ms']:.1f}). Inside the trials, `Tracker.log_metrics` on the "
+        f"trial's thread: median {1e3 * common.median(log_metrics):.1f} ms over {len(log_metrics)} calls, of which "
+        f"{len(queued)} queued epochs (median {1e3 * common.median(queued):.2f} ms).",
+        "",
+        (f"The writer thread's `log_batch` calls (the whole study, concurrent with training, not added above): "
+         f"{len(written)} calls, {1e3 * sum(written):.0f} ms in all, median {1e3 * common.median(written):.1f} ms. "
+         f"Waiting for the queue at the end of the trial runs (`Tracker.flush`, also inside `end_run`): "
+         f"{len(flushes)} waits, {1e3 * sum(flushes):.1f} ms in all, at most {1e3 * max(flushes, default=0):.1f} ms "
+         f"(already in the totals above)." if written or flushes else
+         "No metrics were queued: every `log_batch` ran on the trial's thread."),
+        "",
+        f"Optuna: {n_reports} epochs reported (`trial.report`), the pruner asked (`trial.should_prune`) at "
+        f"{n_asked} of them; the others were before its warm-up or off its interval, where it cannot prune.",
         "",
         (f"Optuna heartbeats from their own thread (concurrent with training, so not added above): {len(beats)} "
          f"calls, {1e3 * sum(beats):.0f} ms in all." if beats else

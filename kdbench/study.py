@@ -118,16 +118,19 @@ class StudyRunner(ScaleOut):
         run_id = self.tracker.start_run(name, tags, parent=self.parent, params=params)
         try:
             yield run_id
+            # epoch metrics still queued for the tracker's writer thread land here; a batch that failed fails the
+            # run as a synchronous log_batch would have
+            self.tracker.flush(run_id)
         except optuna.TrialPruned as e:
             self.tracker.set_tags(run_id, {tk.STATE: "PRUNED", "kdbench.prune_reason": str(e) or "median pruner"})
-            self.tracker.end_run(run_id, "FINISHED")
+            self.tracker.end_run(run_id, "FINISHED", strict=False)
             raise
-        except KeyboardInterrupt:
-            self.tracker.end_run(run_id, "KILLED")
+        except KeyboardInterrupt:  # end_run still waits for the queued epochs; a failed batch is only reported
+            self.tracker.end_run(run_id, "KILLED", strict=False)
             raise
         except BaseException as e:
             self.tracker.set_tags(run_id, {tk.STATE: "FAIL", "kdbench.error": tk.mask_secrets(str(e))[:500]})
-            self.tracker.end_run(run_id, "FAILED")
+            self.tracker.end_run(run_id, "FAILED", strict=False)
             raise
         else:
             self.tracker.end_run(run_id, "FINISHED")
@@ -136,14 +139,23 @@ class StudyRunner(ScaleOut):
         return [r for r in self.tracker.find(parent=self.parent, **tags) if r.info.status == "FINISHED"]
 
     def _epoch_logger(self, run_id: str, trial: Optional[optuna.Trial] = None):
+        """Per-epoch bookkeeping: the epoch's metrics are queued for the tracker's writer thread (``_child`` waits
+        for them before the run ends); a trial reports every epoch to Optuna, and asks the pruner only at epochs
+        where it can prune (``tk.pruning_possible``: not before its warm-up, only at its interval steps)."""
+        reported: list[int] = []
+
         def on_epoch(stats: EpochStats) -> None:
-            self.tracker.log_metrics(run_id, stats.metrics(), step=stats.epoch)
-            if trial is not None:
-                trial.report(stats.val_acc, stats.epoch)
-                if trial.should_prune():
-                    reason = f"median pruner at epoch {stats.epoch}"
-                    trial.set_user_attr("kdbench.reason", reason)
-                    raise optuna.TrialPruned(reason)
+            try:
+                if trial is not None:
+                    trial.report(stats.val_acc, stats.epoch)
+                    reported.append(stats.epoch)
+                    if tk.pruning_possible(trial.study.pruner, reported) and trial.should_prune():
+                        reason = f"median pruner at epoch {stats.epoch}"
+                        trial.set_user_attr("kdbench.reason", reason)
+                        raise optuna.TrialPruned(reason)
+            finally:  # also for the epoch that prunes; queued last, so the writer thread does not hold the GIL
+                # while the Optuna calls above run, but overlaps the next epoch's training
+                self.tracker.log_metrics(run_id, stats.metrics(), step=stats.epoch, synchronous=False)
 
         return on_epoch
 
@@ -447,8 +459,12 @@ class StudyRunner(ScaleOut):
         return StudySummary(paths, self.experiment, self.parent, board, ", ".join(i.source for i in infos))
 
     def _end_parent(self, status: str) -> None:
+        """The study is stopping on an exception: whatever is still queued is waited for (failures only reported,
+        so that the exception on its way is the one raised), then the parent run ends."""
+        if self.tracker is not None:
+            self.tracker.flush(strict=False)
         if self.coordinator and self.parent:
-            self.tracker.end_run(self.parent, status)
+            self.tracker.end_run(self.parent, status, strict=False)
 
 
 def run_study(cfg: StudyConfig, entries: list[ResolvedEntry], out=None, report_dir=None, tracking_uri=None,

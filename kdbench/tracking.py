@@ -1,15 +1,27 @@
 """MLflow bookkeeping through ``MlflowClient``: one parent run per study, child runs for teacher, baseline, trials and
 confirm runs; metrics logged once per epoch in a single ``log_batch`` call.
 
+Per-epoch metrics can be queued (``log_metrics(..., synchronous=False)``) so that the training thread does not wait
+for the store: one writer thread per tracker sends them, in order, as the same ``log_batch`` call a few milliseconds
+later. ``flush`` waits for a run's queued batches (raising or reporting the ones that failed); ``end_run`` flushes
+before it ends the run, ``find`` before it queries the store, and an exit hook at interpreter exit. (MLflow's own
+``log_batch(synchronous=False)`` queue is not used: ``MlflowClient.set_terminated`` shuts that queue down at every
+run end, which joins its thread for up to a second, and its ten worker threads write one run's batches
+concurrently.)
+
 Tags (all prefixed ``kdbench.``) link runs to their study, role, loss entry, seed and Optuna trial, so reports can be
 rebuilt from MLflow alone.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import queue
 import re
+import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,6 +31,10 @@ ROLE, STUDY, LOSS, LOSS_NAME, SEED = "kdbench.role", "kdbench.study", "kdbench.l
 STATE, CONFIG_HASH, OPTUNA_STUDY, TRIAL = "kdbench.trial_state", "kdbench.config_hash", "optuna.study_name", "optuna.trial_number"
 STUDENT = "kdbench.student"
 PARENT = "mlflow.parentRunId"
+
+_log = logging.getLogger("kdbench.tracking")
+_WRITERS: "weakref.WeakSet[_Writer]" = weakref.WeakSet()  # waited for at interpreter exit
+EXIT_WAIT_S = 120.0  # the longest the exit hook waits for queued batches
 
 _PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]+):(?P<pw>[^@/\s]+)@")
 
@@ -57,6 +73,113 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def pruning_possible(pruner: Any, steps: Any) -> bool:
+    """Whether ``pruner.prune`` can return True for a trial whose reported steps are ``steps`` (all of them, the
+    current one included), so that ``Trial.should_prune()`` (a storage query) is worth calling.
+
+    Exact for Optuna's ``NopPruner`` (never prunes) and ``PercentilePruner``/``MedianPruner`` (and subclasses that
+    keep their ``prune``), which return False before ``n_warmup_steps`` and at steps that are not the first report
+    in a pruning interval (the test of ``optuna.pruners._percentile._is_first_in_interval_step``); True for any
+    other pruner, or where the pruner's settings cannot be read, so an unknown pruner is always asked. The
+    ``n_startup_trials``/``n_min_trials`` conditions depend on other trials (other workers may finish some at any
+    time), so they are left to the pruner."""
+    import optuna
+
+    prune = getattr(type(pruner), "prune", None)  # a subclass that overrides prune() is an unknown pruner
+    if prune is optuna.pruners.NopPruner.prune:
+        return False
+    if prune is not optuna.pruners.PercentilePruner.prune or not steps:
+        return True
+    warmup, interval = getattr(pruner, "_n_warmup_steps", None), getattr(pruner, "_interval_steps", None)
+    if not isinstance(warmup, int) or not isinstance(interval, int) or interval < 1:
+        return True
+    step = max(steps)  # the pruner looks at trial.last_step
+    if step < warmup:
+        return False
+    nearest_lower_pruning_step = (step - warmup) // interval * interval + warmup
+    second_last_step = max((s for s in steps if s != step), default=-1)
+    return second_last_step < nearest_lower_pruning_step
+
+
+class _Writer:
+    """A queue of ``log_batch`` calls sent, in order, by one daemon thread through ``client``. The thread starts with
+    the first batch and stops after ``idle_s`` without one. Counts of queued batches per run and the errors of
+    failed ones are kept until ``wait`` collects them."""
+
+    def __init__(self, client, idle_s: float = 10.0):
+        self.client, self.idle_s = client, idle_s
+        self.queue: queue.Queue = queue.Queue()
+        self.cond = threading.Condition()
+        self.queued: dict[str, int] = {}  # run id -> batches not yet written
+        self.errors: dict[str, list[str]] = {}
+        self.thread: Optional[threading.Thread] = None
+
+    def put(self, run_id: str, metrics: list) -> None:
+        with self.cond:
+            self.queued[run_id] = self.queued.get(run_id, 0) + 1
+            self.queue.put((run_id, metrics))
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, name="kdbench-mlflow-writer", daemon=True)
+                self.thread.start()
+                _WRITERS.add(self)
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                run_id, metrics = self.queue.get(timeout=self.idle_s)
+            except queue.Empty:
+                with self.cond:  # put() queues under this lock: nothing can arrive unseen
+                    if self.queue.empty():
+                        self.thread = None
+                        return
+                continue
+            error = None
+            try:
+                self.client.log_batch(run_id, metrics=metrics)
+            except BaseException as e:  # reported by wait(); the queue goes on with the next batch
+                error = mask_secrets(str(e)).splitlines()[0][:500] if str(e) else type(e).__name__
+            with self.cond:
+                if error is not None:
+                    self.errors.setdefault(run_id, []).append(error)
+                self.queued[run_id] -= 1
+                if not self.queued[run_id]:
+                    del self.queued[run_id]
+                self.cond.notify_all()
+
+    def wait(self, run_id: Optional[str] = None, timeout: Optional[float] = None,
+             collect: bool = True) -> tuple[list[str], int]:
+        """Block until the batches queued for ``run_id`` (for any run if None) are written; returns the errors of
+        those that failed (and forgets them; with ``collect=False`` they are kept, for the run's own flush) and how
+        many are still queued (non-zero only after a ``timeout``)."""
+        def done() -> bool:
+            return run_id not in self.queued if run_id is not None else not self.queued
+
+        with self.cond:
+            self.cond.wait_for(done, timeout)
+            if not collect:
+                return [], sum(self.queued.values()) if run_id is None else self.queued.get(run_id, 0)
+            if run_id is None:
+                errors = [f"run {r}: {e}" for r, es in self.errors.items() for e in es]
+                self.errors.clear()
+                left = sum(self.queued.values())
+            else:
+                errors = [f"run {run_id}: {e}" for e in self.errors.pop(run_id, [])]
+                left = self.queued.get(run_id, 0)
+        return errors, left
+
+
+def _flush_at_exit() -> None:
+    """Daemon threads still run while exit hooks do: let queued batches land, report the ones that did not."""
+    for writer in list(_WRITERS):
+        errors, left = writer.wait(timeout=EXIT_WAIT_S)
+        if errors or left:
+            _log.warning(f"tracking: at exit, {len(errors)} queued metric batch(es) failed and {left} were not "
+                         f"written: " + "; ".join(errors[:3]))
+
+
+atexit.register(_flush_at_exit)
+
+
 class Tracker:
     """Thin wrapper over ``MlflowClient`` bound to one experiment."""
 
@@ -80,6 +203,7 @@ class Tracker:
         except Exception as e:  # unreachable server, bad URI, locked database ...
             raise KdbenchError(f"tracking: cannot open MLflow store {mask_secrets(uri)}: {mask_secrets(str(e)).splitlines()[0]}") from None
         self.experiment = experiment
+        self._writer = _Writer(self.client)  # for log_metrics(..., synchronous=False)
 
     # -- runs -------------------------------------------------------------------------------------------------
     def start_run(self, name: str, tags: dict[str, Any], parent: Optional[str] = None,
@@ -99,20 +223,40 @@ class Tracker:
         for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(run_id, params=items[i: i + 100])
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-        """All of one epoch's metrics in one call."""
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0, synchronous: bool = True) -> None:
+        """All of one epoch's metrics in one ``log_batch`` call. ``synchronous=False`` queues the call for the
+        tracker's writer thread and returns at once (the timestamp is taken now); ``flush``/``end_run`` wait for it."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if synchronous:
+            self.client.log_batch(run_id, metrics=batch)
+        else:
+            self._writer.put(run_id, batch)
+
+    def flush(self, run_id: Optional[str] = None, strict: bool = True) -> None:
+        """Wait until every queued batch of ``run_id`` (of all runs if None) is written. Failed batches raise a
+        ``KdbenchError`` once all have been waited for, or with ``strict=False`` are logged as a warning."""
+        errors, _ = self._writer.wait(run_id)
+        if errors:
+            msg = f"tracking: {len(errors)} queued metric batch(es) were not logged: " + "; ".join(errors[:3])
+            if strict:
+                raise KdbenchError(msg)
+            _log.warning(msg)
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+    def end_run(self, run_id: str, status: str = "FINISHED", strict: bool = True) -> None:
+        """End the run once its queued batches are written. The run is ended even when some failed; the failure is
+        then raised afterwards (``strict``) or logged (``strict=False``: while another exception is on its way)."""
+        try:
+            self.flush(run_id, strict=strict)
+        finally:
+            self.client.set_terminated(run_id, status=status)
 
     def reopen(self, run_id: str) -> None:
         self.client.update_run(run_id, status="RUNNING")
@@ -123,7 +267,9 @@ class Tracker:
     # -- queries ----------------------------------------------------------------------------------------------
     def find(self, **tags: Any) -> list:
         """Runs of this experiment whose tags equal the given values (keyword ``role='trial'`` means
-        ``kdbench.role``); newest first."""
+        ``kdbench.role``); newest first. Queued metric batches are written first (their failures are left to
+        ``flush``/``end_run`` of their runs)."""
+        self._writer.wait(collect=False)
         keys = {"role": ROLE, "study": STUDY, "loss": LOSS, "seed": SEED, "parent": PARENT, "student": STUDENT}
         clauses = [f"tags.`{keys.get(k, k)}` = '{v}'" for k, v in tags.items()]
         runs, token = [], None
