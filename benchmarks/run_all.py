@@ -79,6 +79,9 @@ def main(argv=None) -> int:
         "",
     ]
     lines += [common.render(s) for s in sections]
+    # runs on lent GPUs are recorded by hand under reports/gpu/ (a GPU is not always at hand): shown as written
+    for gpu in sorted((common.ROOT / "reports" / "gpu").glob("*.md")):
+        lines += [gpu.read_text().strip(), ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines).rstrip() + "\n")
     print(f"[run_all] wrote {args.out} ({total / 60:.1f} min)", file=sys.stderr)

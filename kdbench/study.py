@@ -425,6 +425,9 @@ class StudyRunner(ScaleOut):
             infos = self._teachers(data)
             outputs = attach_cache(self.provider, cfg, data, infos, self.device,
                                    self.paths.cache_dir.parent / "teacher_outputs", self._teacher_needs())
+            if cfg.train.compile and (outputs.mode == "live" or cfg.data.augment_seed is not None):
+                # the teacher runs in (nearly) every step, or once per epoch: worth its compile
+                self.provider.compile(cfg.train.compile_mode, cfg.train.compile_backend)
             if self.coordinator:
                 self.progress.say(f"teacher outputs: {outputs.reason}")
                 self.tracker.set_tags(self.parent, {"kdbench.teacher_outputs": outputs.reason})

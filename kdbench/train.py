@@ -112,11 +112,14 @@ def autocast(device: torch.device, precision: str):
 
 
 def make_optimizer(params, recipe) -> torch.optim.Optimizer:
+    params = list(params)
+    # on CUDA one fused kernel updates every parameter (a small student's step is bound by kernel launches)
+    fused = {"fused": True} if params and all(p.is_cuda and p.is_floating_point() for p in params) else {}
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
-                               nesterov=recipe.momentum > 0)
+                               nesterov=recipe.momentum > 0, **fused)
     cls = torch.optim.Adam if recipe.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return cls(params, lr=recipe.lr, weight_decay=recipe.weight_decay, **fused)
 
 
 def make_scheduler(opt: torch.optim.Optimizer, recipe):
@@ -146,7 +149,8 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512, pre
     out = []
     for xb in _in_order(x, batch_size):
         with autocast(x.device, precision):
-            out.append(model(xb).float())
+            # a copy: under torch.compile's CUDA graphs the next call reuses the output's memory
+            out.append(model(xb).float().clone())
     model.train(was_training)
     return torch.cat(out)
 
@@ -183,6 +187,13 @@ class TeacherProvider:
         self.precision = precision
         self.store: Optional[OutputStore] = None
         self.cached_needs: frozenset = frozenset()
+        self.compiled = False
+
+    def compile(self, mode: str, backend: str = "inductor") -> None:
+        """``torch.compile`` the teachers' forward passes for the live path (kept for the provider's life)."""
+        for t in self.teachers:
+            compile_forwards(t, mode, backend)
+        self.compiled = True
 
     @property
     def mode(self) -> str:
@@ -195,9 +206,11 @@ class TeacherProvider:
             outs = [forward_outputs(t, x, feats, emb) for t in self.teachers]
         first = outs[0]
         logits = sum(w * o.logits.float() for w, o in zip(self.weights, outs))
+        # copies when compiled: with CUDA graphs the teacher's next call reuses its outputs' memory
+        own = (lambda t: t.float().clone()) if self.compiled else (lambda t: t.float())  # noqa: E731
         return Outputs(logits=logits,
-                       features=[f.float() for f in first.features] if first.features is not None else None,
-                       embedding=first.embedding.float() if first.embedding is not None else None)
+                       features=[own(f) for f in first.features] if first.features is not None else None,
+                       embedding=own(first.embedding) if first.embedding is not None else None)
 
     def use_store(self, inputs, needs: frozenset = frozenset(), directory=None, batch_size: int = 256) -> OutputStore:
         """Serve outputs from a store over ``inputs``: a tensor (the same every epoch) or :class:`EpochViews`."""
@@ -287,17 +300,23 @@ def compiled(model: nn.Module, mode: Optional[str], backend: str = "inductor"):
     if mode is None:
         yield model
         return
+    had = compile_forwards(model, mode, backend)
+    try:
+        yield model
+    finally:
+        model._compiled_call_impl = None
+        if had:
+            del model.forward_intermediates  # the instance attribute: the class's method shows through again
+
+
+def compile_forwards(model: nn.Module, mode: str, backend: str = "inductor") -> bool:
+    """Compile ``model``'s ``forward`` and ``forward_intermediates`` in place; returns whether it has the latter."""
     kw = {"backend": backend, "mode": None if mode == "default" else mode} if backend == "inductor" else {"backend": backend}
     model.compile(**kw)
     inter = getattr(model, "forward_intermediates", None)
     if inter is not None:
         model.forward_intermediates = torch.compile(inter, **kw)
-    try:
-        yield model
-    finally:
-        model._compiled_call_impl = None
-        if inter is not None:
-            del model.forward_intermediates  # the instance attribute: the class's method shows through again
+    return inter is not None
 
 
 def fit(
@@ -380,6 +399,8 @@ def fit(
                 x = x.contiguous(memory_format=fmt)
             views = [random_crop_flip(raw, gen, view_pad, hflip)] if want_views else None
             batch = Batch(x=x, y=train.y[idx], idx=idx, epoch=epoch + it / steps, views=views)
+            if compile_mode is not None:  # a new step for CUDA graphs ("reduce-overhead"): earlier outputs may go
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast(device, precision):
                 loss, terms = objective(model, batch)
             opt.zero_grad(set_to_none=True)
