@@ -17,12 +17,13 @@ from bench_bookkeeping import study_config
 from kdbench import report as kreport
 from kdbench import tracking as tk
 from kdbench.data import load_data
-from kdbench.study import StudyRunner, run_study
+from kdbench.study import StudyRunner, pruner_warmup, run_study
 
 TOLERANCE = 0.005  # ±0.5 accuracy points
 GOAL_SHARE = 0.5
-LONG = "median_long_warmup"  # the median pruner with a warm-up of a third of the epochs (context for the goal)
-VARIANTS = ("median", LONG, "none")
+SHORT = "median_short_warmup"  # the median pruner with the former default warm-up of 2 epochs (context)
+SHORT_WARMUP = 2
+VARIANTS = ("median", SHORT, "none")
 
 
 @contextlib.contextmanager
@@ -79,15 +80,14 @@ def run(args) -> common.Section:
             for pruner in VARIANTS:
                 cfg, entries = study_config(trials, epochs, args.device, f"bench_sweep_{pruner}_s{seed}",
                                             "none" if pruner == "none" else "median", seed)
-                if pruner == LONG:  # the same pruner, looking only after a third of the epochs
+                if pruner == SHORT:  # the same pruner, looking from epoch 2 on
                     cfg = cfg.model_copy(update={"sweep": cfg.sweep.model_copy(
-                        update={"pruner_warmup_epochs": max(cfg.sweep.pruner_warmup_epochs + 1,
-                                                            cfg.train.epochs // 3)})})
+                        update={"pruner_warmup_epochs": SHORT_WARMUP})})
                 t0 = time.perf_counter()
                 summary = run_study(cfg, entries, out=Path(tmp) / f"{pruner}-{seed}", report_dir=Path(tmp) / "r",
                                     quiet=True)
                 per[pruner] = {"trials": sweep_trials(summary), "wall": time.perf_counter() - t0,
-                               "warmup": cfg.sweep.pruner_warmup_epochs}
+                               "warmup": pruner_warmup(cfg)}
             results.append((seed, per, cfg))
 
     sections, goals, rows, searched = [], [], [], []
@@ -105,10 +105,10 @@ def run(args) -> common.Section:
                      f"{100 * b_pr['val_acc']:.2f} (#{b_pr['trial']})" if b_pr else "—",
                      f"{100 * b_pr['test_acc']:.2f}" if b_pr else "—",
                      f"{reach_pr} (at #{at_pr})" if reach_pr is not None else "not reached"))
-        lw = per[LONG]["trials"]
+        lw = per[SHORT]["trials"]
         b_lw = best(lw)
         reach_lw, at_lw = epochs_to_reach(lw, target) if b_no else (None, None)
-        rows.append((seed, f"median, warm-up {per[LONG]['warmup']}", len(lw), sum(t["state"] == "PRUNED" for t in lw),
+        rows.append((seed, f"median, warm-up {per[SHORT]['warmup']}", len(lw), sum(t["state"] == "PRUNED" for t in lw),
                      sum(t["epochs"] for t in lw), f"{sum(t['seconds'] for t in lw):.0f}",
                      f"{100 * b_lw['val_acc']:.2f} (#{b_lw['trial']})" if b_lw else "—",
                      f"{100 * b_lw['test_acc']:.2f}" if b_lw else "—",
@@ -135,7 +135,7 @@ def run(args) -> common.Section:
         if sb_no:
             s_total = sum(t["epochs"] for t in s_no)
             outcomes = []
-            for variant in ("median", LONG):
+            for variant in ("median", SHORT):
                 s_pr = per[variant]["trials"][1:]
                 s_reach, s_at = epochs_to_reach(s_pr, sb_no["val_acc"] - TOLERANCE)
                 who = f"warm-up {per[variant]['warmup']}"
@@ -165,8 +165,10 @@ def run(args) -> common.Section:
     body = [
         f"`run_study` on `studies/quickstart.yaml` changed to: the `kd` loss only, {trials} trials, "
         f"{cfg.train.epochs} epochs per trial, sweep seeds {', '.join(map(str, seeds))}, pruner `median` "
-        f"(startup {cfg.sweep.pruner_startup_trials} trials, warm-up {cfg.sweep.pruner_warmup_epochs} epochs) vs "
-        f"`none`, and for context the median pruner with a warm-up of a third of the epochs; same TPE sampler and "
+        f"(startup {cfg.sweep.pruner_startup_trials} trials, warm-up {pruner_warmup(cfg)} epochs: the default, a third "
+        f"of the epochs) vs "
+        f"`none`, and for context the median pruner with the former default warm-up of {SHORT_WARMUP} epochs; same "
+        f"TPE sampler and "
         f"seed for all; device `{args.device}`, {args.threads} thread(s). Baseline, "
         "confirm and leaderboard are patched out (they do not depend on the pruner). Epochs = length of each trial's "
         "MLflow `val_acc` history; accuracies are each completed trial's selected validation accuracy "

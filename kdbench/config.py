@@ -206,8 +206,9 @@ class SweepConfig(StrictModel):
     pruner: Literal["median", "none"] = "median"
     #: trials that run to completion before the median pruner may stop one
     pruner_startup_trials: NonNegativeInt = 2
-    #: epochs before the pruner looks at a trial
-    pruner_warmup_epochs: NonNegativeInt = 2
+    #: epochs before the pruner looks at a trial; unset: a third of train.epochs (benchmarks/bench_sweep.py: with 2
+    #: of 15 epochs the median pruner stopped the sweep's eventual best trial in both seeds, with 5 it kept it)
+    pruner_warmup_epochs: Optional[NonNegativeInt] = None
     seed: int = 0
     metric: Literal["val_acc"] = "val_acc"
     #: which epoch's score counts: the last, or the one with the best validation accuracy

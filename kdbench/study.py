@@ -294,7 +294,7 @@ class StudyRunner(ScaleOut):
         if s.pruner == "none":
             return optuna.pruners.NopPruner()
         return optuna.pruners.MedianPruner(n_startup_trials=s.pruner_startup_trials,
-                                           n_warmup_steps=s.pruner_warmup_epochs)
+                                           n_warmup_steps=pruner_warmup(self.cfg))
 
     def _load_optuna(self, entry: ResolvedEntry, st) -> optuna.Study:
         return open_sweep(self.storage, optuna_study_name(self.cfg, entry.key, st.key), self._sampler(),
@@ -468,6 +468,12 @@ class StudyRunner(ScaleOut):
             self.tracker.flush(strict=False)
         if self.coordinator and self.parent:
             self.tracker.end_run(self.parent, status, strict=False)
+
+
+def pruner_warmup(cfg: StudyConfig) -> int:
+    """Epochs before the pruner looks at a trial: ``sweep.pruner_warmup_epochs``, or a third of the epochs."""
+    w = cfg.sweep.pruner_warmup_epochs
+    return w if w is not None else max(1, cfg.train.epochs // 3)
 
 
 def run_study(cfg: StudyConfig, entries: list[ResolvedEntry], out=None, report_dir=None, tracking_uri=None,
