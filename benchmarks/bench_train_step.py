@@ -17,7 +17,8 @@ from kdbench.data import TensorSet
 from kdbench.data.augment import EpochViews
 from kdbench.losses import create_loss, load_card
 from kdbench.models import count_params, create_model
-from kdbench.train import CEObjective, DistillObjective, TeacherProvider, fit
+from kdbench.teacher_outputs import TeacherProvider
+from kdbench.train import CEObjective, DistillObjective, fit
 
 STUDENT, TEACHER = "test_resnet", "resnet18"
 MODES = ("ce", "kd_cached", "kd_live", "kd_seeded_cached", "kd_aug_live")

@@ -22,6 +22,7 @@ import yaml
 
 import kdbench
 from kdbench import tracking as tk
+from kdbench.backend import configure_backend, resolve_device
 from kdbench.checkpoints import log_final_model, save_checkpoint
 from kdbench.config import StudyConfig
 from kdbench.data import DataBundle, load_data
@@ -29,17 +30,8 @@ from kdbench.errors import KdbenchError
 from kdbench.models import create_model
 from kdbench.progress import Progress
 from kdbench.teacher import TeacherInfo, default_cache_dir, get_teacher, load_state
-from kdbench.teacher_outputs import attach_cache
-from kdbench.train import (
-    DistillObjective,
-    EpochStats,
-    FitResult,
-    NonFiniteLoss,
-    TeacherProvider,
-    configure_backend,
-    fit,
-    resolve_device,
-)
+from kdbench.teacher_outputs import TeacherProvider, attach_cache
+from kdbench.train import DistillObjective, EpochStats, FitResult, NonFiniteLoss, fit
 from kdbench.scaleout import ScaleOut
 from kdbench.validate import ResolvedEntry
 from kdbench.workers import CoordinatorLease, TrialFailed, has_heartbeat, make_storage, open_sweep, run_slots

@@ -21,9 +21,12 @@ from typing import Callable, Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
+from kdbench.backend import autocast, compile_forwards
 from kdbench.checkpoints import atomic_write
 from kdbench.data.augment import EpochViews
+from kdbench.models import forward_outputs
 from kdbench.outputs import Outputs
 
 FIXED = -1  # the slot of inputs that are the same in every epoch
@@ -142,6 +145,66 @@ class OutputStore:
         self.loaded += 1
         return Outputs(logits=t["logits"], features=[t[f"features.{i}"] for i in range(n_feats)] or None,
                        embedding=t.get("embedding"))
+
+
+
+class TeacherProvider:
+    """Teacher outputs for a batch: looked up by sample index (and epoch) in an :class:`OutputStore` when the inputs
+    are deterministic, otherwise computed live in eval mode under ``no_grad``. Several teachers are fused by
+    weighted logit averaging (features and embedding come from the first teacher)."""
+
+    def __init__(self, teachers: list[nn.Module], weights: Optional[list[float]] = None, precision: str = "fp32"):
+        self.teachers = [t.eval() for t in teachers]
+        w = torch.tensor(weights if weights is not None else [1.0] * len(teachers), dtype=torch.float32)
+        self.weights = (w / w.sum()).tolist()
+        self.precision = precision
+        self.store: Optional[OutputStore] = None
+        self.cached_needs: frozenset = frozenset()
+        self.compiled = False
+
+    def compile(self, mode: str, backend: str = "inductor") -> None:
+        """``torch.compile`` the teachers' forward passes for the live path (kept for the provider's life)."""
+        for t in self.teachers:
+            compile_forwards(t, mode, backend)
+        self.compiled = True
+
+    @property
+    def mode(self) -> str:
+        return "cached" if self.store is not None else "live"
+
+    @torch.no_grad()
+    def live(self, x: torch.Tensor, needs: frozenset = frozenset()) -> Outputs:
+        feats, emb = "features" in needs, "embedding" in needs
+        with autocast(x.device, self.precision):
+            outs = [forward_outputs(t, x, feats, emb) for t in self.teachers]
+        first = outs[0]
+        logits = sum(w * o.logits.float() for w, o in zip(self.weights, outs))
+        # copies when compiled: with CUDA graphs the teacher's next call reuses its outputs' memory
+        own = (lambda t: t.float().clone()) if self.compiled else (lambda t: t.float())  # noqa: E731
+        return Outputs(logits=logits,
+                       features=[own(f) for f in first.features] if first.features is not None else None,
+                       embedding=own(first.embedding) if first.embedding is not None else None)
+
+    def use_store(self, inputs, needs: frozenset = frozenset(), directory=None, batch_size: int = 256) -> OutputStore:
+        """Serve outputs from a store over ``inputs``: a tensor (the same every epoch) or :class:`EpochViews`."""
+        needs = frozenset(needs)
+        self.store = OutputStore(lambda x: self.live(x, needs), inputs, directory, batch_size)
+        self.cached_needs = needs
+        return self.store
+
+    def precompute(self, x: torch.Tensor, needs: frozenset = frozenset(), batch_size: int = 256) -> None:
+        """Compute the outputs for every sample of ``x`` now, in memory (inputs are the same every epoch)."""
+        self.use_store(x, needs, batch_size=batch_size).get(0)
+
+    def __call__(self, batch, needs: frozenset = frozenset()) -> Outputs:
+        """Outputs for a ``kdbench.train.Batch`` (its images, sample indices, epoch and further views)."""
+        if self.store is not None and needs & {"features", "embedding"} <= self.cached_needs:
+            out = self.store.get(int(batch.epoch)).index(batch.idx)
+        else:
+            out = self.live(batch.x, needs)
+        if batch.views:
+            out.views = [self.live(v, needs) for v in batch.views]
+        return out
 
 
 def attach_cache(provider, cfg, data, infos: list, device: torch.device, root: Path, needs: frozenset) -> Plan:

@@ -6,9 +6,7 @@ study layer uses it for Optuna pruning and MLflow logging; this module knows nei
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -17,16 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdbench.backend import autocast, compiled
 from kdbench.data import TensorSet
 from kdbench.data.augment import EpochViews, random_crop_flip
 from kdbench.data.streaming import FileImages, loader
-from kdbench.errors import KdbenchError
 from kdbench.losses import DistillLoss, Outputs
 from kdbench.losses.base import LossContext
 from kdbench.losses.weighting import KDWeighting
 from kdbench.models import forward_outputs
 from kdbench.schedules import temperature_modules
-from kdbench.teacher_outputs import OutputStore
+from kdbench.teacher_outputs import TeacherProvider
 
 
 class NonFiniteLoss(RuntimeError):
@@ -76,39 +74,6 @@ class FitResult:
         if select == "last":
             return self.history[-1]
         return max(self.history, key=lambda s: (s.val_acc, -s.epoch))
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise KdbenchError(f"train.device: {spec!r} requested but CUDA is not available on this machine")
-        index = int(spec.split(":")[1]) if ":" in spec else 0
-        if index >= torch.cuda.device_count():
-            raise KdbenchError(f"train.device: {spec!r} requested but only {torch.cuda.device_count()} GPU(s) visible")
-    if spec == "mps" and not torch.backends.mps.is_available():
-        raise KdbenchError("train.device: 'mps' requested but MPS is not available on this machine")
-    return torch.device(spec)
-
-
-def configure_backend(device: torch.device, tf32: bool = True, deterministic: bool = False) -> None:
-    """Process-wide numerics: TF32 on CUDA when asked; deterministic algorithms (and the cuBLAS workspace setting
-    they need) when asked."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
-        torch.backends.cudnn.benchmark = not deterministic
-        if deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def make_optimizer(params, recipe) -> torch.optim.Optimizer:
@@ -175,64 +140,6 @@ class CEObjective:
         return ce, {"ce": ce}
 
 
-class TeacherProvider:
-    """Teacher outputs for a batch: looked up by sample index (and epoch) in an :class:`OutputStore` when the inputs
-    are deterministic, otherwise computed live in eval mode under ``no_grad``. Several teachers are fused by
-    weighted logit averaging (features and embedding come from the first teacher)."""
-
-    def __init__(self, teachers: list[nn.Module], weights: Optional[list[float]] = None, precision: str = "fp32"):
-        self.teachers = [t.eval() for t in teachers]
-        w = torch.tensor(weights if weights is not None else [1.0] * len(teachers), dtype=torch.float32)
-        self.weights = (w / w.sum()).tolist()
-        self.precision = precision
-        self.store: Optional[OutputStore] = None
-        self.cached_needs: frozenset = frozenset()
-        self.compiled = False
-
-    def compile(self, mode: str, backend: str = "inductor") -> None:
-        """``torch.compile`` the teachers' forward passes for the live path (kept for the provider's life)."""
-        for t in self.teachers:
-            compile_forwards(t, mode, backend)
-        self.compiled = True
-
-    @property
-    def mode(self) -> str:
-        return "cached" if self.store is not None else "live"
-
-    @torch.no_grad()
-    def live(self, x: torch.Tensor, needs: frozenset = frozenset()) -> Outputs:
-        feats, emb = "features" in needs, "embedding" in needs
-        with autocast(x.device, self.precision):
-            outs = [forward_outputs(t, x, feats, emb) for t in self.teachers]
-        first = outs[0]
-        logits = sum(w * o.logits.float() for w, o in zip(self.weights, outs))
-        # copies when compiled: with CUDA graphs the teacher's next call reuses its outputs' memory
-        own = (lambda t: t.float().clone()) if self.compiled else (lambda t: t.float())  # noqa: E731
-        return Outputs(logits=logits,
-                       features=[own(f) for f in first.features] if first.features is not None else None,
-                       embedding=own(first.embedding) if first.embedding is not None else None)
-
-    def use_store(self, inputs, needs: frozenset = frozenset(), directory=None, batch_size: int = 256) -> OutputStore:
-        """Serve outputs from a store over ``inputs``: a tensor (the same every epoch) or :class:`EpochViews`."""
-        needs = frozenset(needs)
-        self.store = OutputStore(lambda x: self.live(x, needs), inputs, directory, batch_size)
-        self.cached_needs = needs
-        return self.store
-
-    def precompute(self, x: torch.Tensor, needs: frozenset = frozenset(), batch_size: int = 256) -> None:
-        """Compute the outputs for every sample of ``x`` now, in memory (inputs are the same every epoch)."""
-        self.use_store(x, needs, batch_size=batch_size).get(0)
-
-    def __call__(self, batch: Batch, needs: frozenset = frozenset()) -> Outputs:
-        if self.store is not None and needs & {"features", "embedding"} <= self.cached_needs:
-            out = self.store.get(int(batch.epoch)).index(batch.idx)
-        else:
-            out = self.live(batch.x, needs)
-        if batch.views:
-            out.views = [self.live(v, needs) for v in batch.views]
-        return out
-
-
 class DistillObjective:
     """(1 − alpha)·CE + alpha·weight·loss(student, teacher), with optional per-sample weighting of the loss."""
 
@@ -289,34 +196,6 @@ class DistillObjective:
         terms.update(scheduled)
         total = (1.0 - self.alpha) * ce + self.alpha * self.weight * kd
         return total, terms
-
-
-@contextlib.contextmanager
-def compiled(model: nn.Module, mode: Optional[str], backend: str = "inductor"):
-    """``torch.compile`` the model's forward passes (``forward`` and, for feature losses,
-    ``forward_intermediates``) in place for the length of the block. In place, so the module, its state-dict keys
-    and its checkpoints stay those of the plain model; it is plain again afterwards (exports and pickling need
-    that)."""
-    if mode is None:
-        yield model
-        return
-    had = compile_forwards(model, mode, backend)
-    try:
-        yield model
-    finally:
-        model._compiled_call_impl = None
-        if had:
-            del model.forward_intermediates  # the instance attribute: the class's method shows through again
-
-
-def compile_forwards(model: nn.Module, mode: str, backend: str = "inductor") -> bool:
-    """Compile ``model``'s ``forward`` and ``forward_intermediates`` in place; returns whether it has the latter."""
-    kw = {"backend": backend, "mode": None if mode == "default" else mode} if backend == "inductor" else {"backend": backend}
-    model.compile(**kw)
-    inter = getattr(model, "forward_intermediates", None)
-    if inter is not None:
-        model.forward_intermediates = torch.compile(inter, **kw)
-    return inter is not None
 
 
 def fit(

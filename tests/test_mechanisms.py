@@ -141,7 +141,8 @@ def test_entry_weighting_from_study(logits):
 
 
 def test_teacher_fusion_is_weighted_logit_average():
-    from kdbench.train import Batch, TeacherProvider
+    from kdbench.teacher_outputs import TeacherProvider
+    from kdbench.train import Batch
 
     torch.manual_seed(0)
     a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)

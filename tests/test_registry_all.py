@@ -13,7 +13,8 @@ from kdbench.data import TensorSet, load_data
 from kdbench.losses import Outputs, create_loss, list_losses, load_card
 from kdbench.losses.base import LossContext
 from kdbench.models import create_model, forward_outputs
-from kdbench.train import DistillObjective, TeacherProvider, fit
+from kdbench.teacher_outputs import TeacherProvider
+from kdbench.train import DistillObjective, fit
 
 NAMES = list_losses()
 

@@ -9,7 +9,8 @@ from kdbench.errors import KdbenchError
 from kdbench.losses import create_loss
 from kdbench.losses.combine import CombinedLoss
 from kdbench.schedules import temperature_at, temperature_modules
-from kdbench.train import Batch, DistillObjective, TeacherProvider
+from kdbench.teacher_outputs import TeacherProvider
+from kdbench.train import Batch, DistillObjective
 from kdbench.validate import check_study
 
 

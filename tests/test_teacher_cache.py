@@ -16,8 +16,8 @@ from kdbench.errors import KdbenchError
 from kdbench.losses import create_loss, load_card
 from kdbench.models import create_model
 from kdbench.outputs import Outputs
-from kdbench.teacher_outputs import FIXED, OutputStore, plan
-from kdbench.train import Batch, CEObjective, DistillObjective, TeacherProvider, fit
+from kdbench.teacher_outputs import FIXED, OutputStore, TeacherProvider, plan
+from kdbench.train import Batch, CEObjective, DistillObjective, fit
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ import torch
 from kdbench.config import DataConfig, Recipe, parse_study
 from kdbench.data import TensorSet, load_data
 from kdbench.models import create_model
-from kdbench.train import configure_backend, fit
+from kdbench.backend import configure_backend
+from kdbench.train import fit
 
 
 def small():
