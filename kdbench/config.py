@@ -6,8 +6,6 @@ checks that need the loss registry or timm live in :func:`kdbench.validate.check
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -23,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from kdbench.digests import spec_digest
 from kdbench.errors import KdbenchError
 from kdbench.space import SearchParam, StrictModel
 
@@ -304,7 +303,7 @@ class StudyConfig(StrictModel):
     def fingerprint(self) -> str:
         """A hash of everything that defines the experiment (not where it is stored)."""
         body = self.model_dump(mode="json", exclude={"tracking", "storage", "description"})
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+        return spec_digest(body)
 
 
 def _branch(seg) -> bool:

@@ -5,7 +5,6 @@ written atomically so an interrupted run never leaves a half-written teacher beh
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from safetensors.torch import save_file
 
 from kdbench.checkpoints import atomic_write, load_into, read_state
 from kdbench.data import DataBundle
+from kdbench.digests import spec_digest
 from kdbench.models import count_params, create_model
 from kdbench.train import EpochStats, evaluate, fit
 
@@ -52,7 +52,7 @@ def teacher_key(t, data: DataBundle, precision: str, augment: bool) -> str:
         "augment": augment,
         "format": 1,
     }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return spec_digest(spec)
 
 
 def load_state(model: torch.nn.Module, path: Path, what: str, expected_model: Optional[str] = None) -> None:

@@ -13,7 +13,6 @@ precision), unless a value would not fit in float16.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch import nn
 from kdbench.backend import autocast, compile_forwards
 from kdbench.checkpoints import atomic_write
 from kdbench.data.augment import EpochViews
+from kdbench.digests import file_digest, spec_digest
 from kdbench.models import forward_outputs
 from kdbench.outputs import Outputs
 
@@ -41,16 +41,8 @@ class Plan:
     gib: float = 0.0  # their estimated size
 
 
-def file_digest(path: Union[str, Path]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def cache_key(spec: dict) -> str:
-    return hashlib.sha256(json.dumps({**spec, "format": 1}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return spec_digest({**spec, "format": 1})
 
 
 def _bytes_per_sample(probe: Outputs, disk: bool) -> int:

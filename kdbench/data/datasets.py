@@ -5,8 +5,6 @@ machine; :attr:`DataBundle.fingerprint` identifies it (the teacher cache is keye
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,6 +17,7 @@ from sklearn.model_selection import train_test_split
 from kdbench.data import readers
 from kdbench.data.readers import RawData
 from kdbench.data.streaming import FileImages, channel_stats
+from kdbench.digests import spec_digest
 from kdbench.errors import KdbenchError
 
 
@@ -221,7 +220,7 @@ def _bundle(cfg, train: TensorSet, val: TensorSet, test: TensorSet, y_train: np.
         student_x = train.x.subset(pos) if isinstance(train.x, FileImages) else train.x[pos].contiguous()
     student = TensorSet(student_x, torch.from_numpy(ys))
     body = cfg.model_dump(mode="json", exclude={"download", "workers"})  # how the files are read changes nothing
-    fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+    fingerprint = spec_digest(body)
     return DataBundle(
         name=cfg.dataset,
         num_classes=num_classes,
