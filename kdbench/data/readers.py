@@ -217,23 +217,29 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def _load_tree(folder: Path, classes: list[str], size: int) -> tuple[np.ndarray, np.ndarray, bool]:
+def decode_image(path: Path, size: int) -> tuple[np.ndarray, bool]:
+    """One image as (3, size, size) uint8 RGB (a writable copy), resized bilinearly, and whether the file is
+    grayscale; a one-line error naming the file when it cannot be read."""
     from PIL import Image
 
-    files = [(p, i) for i, c in enumerate(classes) for p in _images(folder / c)]
+    try:
+        with Image.open(path) as im:
+            gray = im.mode in ("1", "L", "LA", "I", "I;16")
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            return np.array(im, dtype=np.uint8).transpose(2, 0, 1), gray
+    except OSError as e:
+        raise KdbenchError(f"{path}: cannot read image ({e})") from None
+
+
+def _load_files(files: list[Path], size: int) -> tuple[np.ndarray, bool]:
     x = np.empty((len(files), 3, size, size), dtype=np.uint8)
     gray = True
-    for n, (p, _) in enumerate(files):
-        try:
-            with Image.open(p) as im:
-                gray &= im.mode in ("1", "L", "LA", "I", "I;16")
-                im = im.convert("RGB")
-                if im.size != (size, size):
-                    im = im.resize((size, size), Image.BILINEAR)
-                x[n] = np.asarray(im).transpose(2, 0, 1)
-        except OSError as e:
-            raise KdbenchError(f"{p}: cannot read image ({e})") from None
-    return x, np.array([i for _, i in files], dtype=np.int64), gray
+    for n, p in enumerate(files):
+        x[n], g = decode_image(p, size)
+        gray &= g
+    return x, gray
 
 
 def image_folder_classes(root: Path) -> tuple[Path, Optional[Path], list[str]]:
@@ -275,13 +281,11 @@ def image_folder_files(root: Path) -> tuple[list[Path], np.ndarray, Optional[lis
 
 def read_image_folder(root: Path, size: int) -> RawData:
     """Every image resized to size×size (bilinear); 1 channel when every image is grayscale, else RGB."""
-    train, test, classes = image_folder_classes(root)
-    x, y, gray = _load_tree(train, classes, size)
-    x_test = y_test = None
-    if test is not None:
-        x_test, y_test, gray_test = _load_tree(test, [c for c in classes if (test / c).is_dir()], size)
-        # indices among the test folder's classes → indices among the training classes
-        y_test = np.array([classes.index(c) for c in classes if (test / c).is_dir()], dtype=np.int64)[y_test]
+    files, y, test_files, y_test, classes = image_folder_files(root)
+    x, gray = _load_files(files, size)
+    x_test = None
+    if test_files is not None:
+        x_test, gray_test = _load_files(test_files, size)
         gray &= gray_test
     channels = slice(0, 1) if gray else slice(None)
     x_test = _to_float(x_test[:, channels]) if x_test is not None else None

@@ -16,23 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from kdbench.errors import KdbenchError
+from kdbench.data.readers import decode_image
 
 STATS_SAMPLE = 2000
-
-
-def decode(path: Path, size: int) -> np.ndarray:
-    """One image as (3, size, size) uint8, resized bilinearly like the in-memory reader."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            return np.array(im, dtype=np.uint8).transpose(2, 0, 1)  # a copy: writable, as torch wants
-    except OSError as e:
-        raise KdbenchError(f"{path}: cannot read image ({e})") from None
 
 
 class FileImages:
@@ -57,7 +43,7 @@ class FileImages:
 
     def load(self, i: int) -> torch.Tensor:
         """Image ``i``, normalised, on the CPU (what a DataLoader worker returns)."""
-        x = torch.from_numpy(decode(self.files[i], self.size)).float().div_(255.0)
+        x = torch.from_numpy(decode_image(self.files[i], self.size)[0]).float().div_(255.0)
         return x.sub_(self.mean[:, None, None]).div_(self.std[:, None, None])
 
     def __getitem__(self, key) -> torch.Tensor:
