@@ -36,16 +36,23 @@ def counting(teacher):
 
 
 # -- seeded augmentation ------------------------------------------------------------------------------------------
+def whole(views: EpochViews, epoch: int, size: int = 4096) -> torch.Tensor:
+    """Every sample's view in ``epoch``, in order."""
+    return torch.cat(list(views.chunks(epoch, size)))
+
+
 def test_epoch_views_depend_on_seed_and_epoch_only():
     x = torch.randn(50, 3, 8, 8)
-    a, b = EpochViews(x, 2, True, seed=5), EpochViews(x, 2, True, seed=5, chunk=7)  # chunking changes nothing
-    assert torch.equal(a(3), b(3)) and torch.equal(a(0), b(0))
-    assert not torch.equal(a(0), a(1))  # a new draw each epoch
-    assert not torch.equal(a(0), EpochViews(x, 2, True, seed=6)(0))
-    assert a(2) is a(2)  # the epoch asked for last is kept, not redrawn
+    a, b = EpochViews(x, 2, True, seed=5), EpochViews(x, 2, True, seed=5)
+    assert torch.equal(whole(a, 3), whole(b, 3, size=7)) and torch.equal(whole(a, 0), whole(b, 0, size=7))  # chunks
+    assert not torch.equal(whole(a, 0), whole(a, 1))  # a new draw each epoch
+    assert not torch.equal(whole(a, 0), whole(EpochViews(x, 2, True, seed=6), 0))
+    assert a.draws(2) is a.draws(2)  # the epoch asked for last is kept, not redrawn
     # what is drawn is the definition's crop/flip: the same as random_crop_flip with the epoch's generator
     ref = random_crop_flip(x, torch.Generator().manual_seed(5 * 1_000_003 + 4), 2, True)
-    assert torch.equal(a(4), ref)
+    assert torch.equal(whole(a, 4), ref)
+    idx = torch.tensor([7, 0, 49])  # a batch's views are those rows of the whole set's
+    assert torch.equal(a.batch(4, idx, x[idx]), ref[idx])
 
 
 def test_fit_with_augment_seed_trains_on_the_epoch_views(nets):
@@ -65,7 +72,7 @@ def test_fit_with_augment_seed_trains_on_the_epoch_views(nets):
             seed=run_seed, objective=Recording(), augment_pad=2, hflip=True, augment_seed=11)
         assert len(seen) == 10 and {e for e, _, _ in seen} == {0, 1}
         for epoch, idx, x in seen:
-            assert torch.equal(x, views(epoch)[idx])
+            assert torch.equal(x, whole(views, epoch)[idx])
 
 
 # -- the store ---------------------------------------------------------------------------------------------------
@@ -78,12 +85,12 @@ def test_per_epoch_store_matches_live_and_runs_the_teacher_once_per_epoch(nets):
     try:
         idx = torch.tensor([31, 2, 17, 8, 39])
         for epoch in (0.0, 0.5, 1.25, 1.9, 0.1):
-            out = provider(Batch(x=views(int(epoch))[idx], y=train.y[idx], idx=idx, epoch=epoch))
-            ref = live.live(views(int(epoch))[idx])
+            out = provider(Batch(x=whole(views, int(epoch))[idx], y=train.y[idx], idx=idx, epoch=epoch))
+            ref = live.live(whole(views, int(epoch))[idx])
             torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
         assert store.computed == 2 and len(store.sets) == 2  # epochs 0 and 1, each once; memory keeps both
         n_calls = len(calls)
-        provider(Batch(x=views(1)[idx], y=train.y[idx], idx=idx, epoch=1.5))
+        provider(Batch(x=whole(views, 1)[idx], y=train.y[idx], idx=idx, epoch=1.5))
         assert len(calls) == n_calls  # a cached epoch does not run the teacher
     finally:
         hook.remove()
@@ -132,7 +139,7 @@ def test_cached_per_epoch_teacher_gives_the_live_kd_loss(nets):
     cached.use_store(views)
     loss = create_loss("kd", **load_card("kd").defaults)
     idx = torch.tensor([5, 0, 22, 13])
-    batch = Batch(x=views(2)[idx], y=train.y[idx], idx=idx, epoch=2.4)
+    batch = Batch(x=whole(views, 2)[idx], y=train.y[idx], idx=idx, epoch=2.4)
     total_c, terms_c = DistillObjective(loss, cached, alpha=0.9)(student, batch)
     total_l, terms_l = DistillObjective(loss, live, alpha=0.9)(student, batch)
     torch.testing.assert_close(terms_c["kd"], terms_l["kd"], rtol=1e-5, atol=1e-6)

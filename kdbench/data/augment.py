@@ -45,12 +45,11 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int, hfli
 class EpochViews:
     """Augmentation seeded per (epoch, sample): each sample's crop offsets and flip in epoch ``e`` are drawn from
     ``(seed, e)`` alone, independent of the run's seed, the batch order and the device. The draws of the last epoch
-    asked for are kept; views are made per batch (:meth:`batch`) or for the whole set (:meth:`__call__`)."""
+    asked for are kept; views are made per batch (:meth:`batch`) or for the whole set in order (:meth:`chunks`)."""
 
-    def __init__(self, x, pad: int, hflip: bool, seed: int, chunk: int = 4096):
-        self.x, self.pad, self.hflip, self.seed, self.chunk = x, pad, hflip, int(seed), chunk
+    def __init__(self, x, pad: int, hflip: bool, seed: int):
+        self.x, self.pad, self.hflip, self.seed = x, pad, hflip, int(seed)
         self._draws: Optional[tuple[int, tuple]] = None
-        self._last: Optional[tuple[int, torch.Tensor]] = None
 
     def spec(self) -> dict:
         return {"augment_seed": self.seed, "pad": self.pad, "hflip": self.hflip}
@@ -74,8 +73,3 @@ class EpochViews:
         for i in range(0, n, size):
             idx = torch.arange(i, min(i + size, n), device=self.x.device)
             yield self.batch(epoch, idx, self.x[i: i + size])
-
-    def __call__(self, epoch: int) -> torch.Tensor:
-        if self._last is None or self._last[0] != epoch:
-            self._last = (epoch, torch.cat(list(self.chunks(epoch, self.chunk))))
-        return self._last[1]
