@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 import warnings
 from typing import Any, Callable, Optional
 
@@ -34,6 +35,26 @@ class TrialFailed(Exception):
     """A trial that failed for a reason that must not stop the study (e.g. CUDA out of memory)."""
 
 
+# what a process sees when another one creates the same fresh RDB schema at the same moment (RDBStorage checks, then
+# creates its tables and stamps the alembic version, without a lock): workers started together on a new database
+_SCHEMA_RACE = ("already exists", "unique constraint", "duplicate key", "database is locked")
+SCHEMA_RACE_TRIES = 6
+
+
+def _open_rdb(url: str, heartbeat: int, max_retry: Optional[int]) -> RDBStorage:
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    for attempt in range(SCHEMA_RACE_TRIES):
+        try:
+            return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry))
+        except Exception as e:
+            # the other process has finished (or is finishing) the schema: opening again finds the tables in place
+            if attempt + 1 == SCHEMA_RACE_TRIES or not any(m in str(e).lower() for m in _SCHEMA_RACE):
+                raise
+            time.sleep(0.1 * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
 def make_storage(url: str, heartbeat: int, max_retry: Optional[int] = 2) -> optuna.storages.BaseStorage:
     """An Optuna storage for ``url``: RDB (sqlite, PostgreSQL, MySQL) with heartbeats, or a journal file
     (``journal:<path>`` or ``*.journal``, no heartbeats)."""
@@ -42,9 +63,7 @@ def make_storage(url: str, heartbeat: int, max_retry: Optional[int] = 2) -> optu
             from optuna.storages.journal import JournalFileBackend
 
             return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
-        engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-        return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry))
+        return _open_rdb(url, heartbeat, max_retry)
     except Exception as e:  # unreachable server, missing driver, bad URL
         raise KdbenchError(f"storage: cannot open Optuna storage {mask_secrets(url)}: "
                            f"{mask_secrets(str(e)).splitlines()[0]}") from None

@@ -1,12 +1,15 @@
 """Several processes on one study, real servers, and a worker killed with SIGKILL in the middle of a trial."""
+import multiprocessing
 import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import closing
 from pathlib import Path
 
 import optuna
@@ -35,6 +38,29 @@ def study(name, trials=4, epochs=2, heartbeat=10, **extra):
 
 def kdbench(*args, cwd, **kw):
     return subprocess.Popen([sys.executable, "-m", "kdbench.cli", *args], cwd=cwd, start_new_session=True, **kw)
+
+
+def running_trial(proc, db: Path, study_name: str, log: Path, timeout: float = 240) -> int:
+    """The number of a trial of ``study_name`` that is RUNNING with its MLflow run open, read from the sqlite file
+    read-only: opening it through Optuna would create the schema when the file is new, racing the process under test."""
+    deadline = time.monotonic() + timeout
+    query = ("SELECT t.number FROM trials t JOIN studies s ON s.study_id = t.study_id "
+             "JOIN trial_user_attributes a ON a.trial_id = t.trial_id "
+             "WHERE s.study_name = ? AND t.state = 'RUNNING' AND a.key = 'mlflow_run_id' ORDER BY t.number")
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"kdbench exited with {proc.returncode} before a trial ran:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+        if not db.exists():
+            continue
+        try:
+            with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+                row = con.execute(query, (study_name,)).fetchone()
+        except sqlite3.OperationalError:  # schema not created yet, or locked
+            continue
+        if row:
+            return row[0]
+    pytest.fail(f"no trial started in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
 def check_exact(storage, name, n, mlflow_uri):
@@ -66,24 +92,46 @@ def test_two_local_workers_finish_exactly_n_trials(tmp_path, monkeypatch):
     assert "| 1 " in (tmp_path / "reports" / "w" / "LEADERBOARD.md").read_text()
 
 
+def _open_storages(barrier, paths, results):
+    from kdbench.workers import make_storage
+
+    for path in paths:
+        barrier.wait()  # every process opens the same fresh file at the same moment
+        try:
+            make_storage(f"sqlite:///{path}", heartbeat=1)
+            results.put("ok")
+        except Exception as e:
+            results.put(f"{type(e).__name__}: {e}")
+
+
+def test_workers_opening_a_fresh_storage_together_all_succeed(tmp_path):
+    # without the retry, 15 of 60 opens failed when 4 processes created one new sqlite schema together, and this test
+    # failed in each of its 3 runs without the retry
+    # ("table studies already exists", "UNIQUE constraint failed: alembic_version.version_num")
+    ctx = multiprocessing.get_context("spawn")
+    n, paths = 3, [tmp_path / f"fresh{i}.db" for i in range(6)]
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_open_storages, args=(barrier, paths, results)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=120) for _ in range(n * len(paths))]
+    for p in procs:
+        p.join(timeout=30)
+    assert got == ["ok"] * (n * len(paths))
+    for path in paths:  # one usable schema in each
+        assert optuna.create_study(study_name="s", storage=f"sqlite:///{path}").study_name == "s"
+
+
 def test_worker_killed_mid_trial_then_resumed(tmp_path):
     (tmp_path / "k.yaml").write_text(yaml.safe_dump(study("k", trials=3, epochs=30, heartbeat=1)))
     out = tmp_path / "runs" / "k"
     storage = f"sqlite:///{out / 'optuna.db'}"
     env = dict(os.environ, KDBENCH_CACHE_DIR=os.environ["KDBENCH_CACHE_DIR"])
-    proc = kdbench("run", "k.yaml", "-q", cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline, killed_number = time.monotonic() + 180, None
-    while time.monotonic() < deadline and killed_number is None:
-        time.sleep(0.5)
-        try:
-            s = optuna.load_study(study_name="k.kd", storage=storage)
-        except Exception:
-            continue
-        running = [t for t in s.trials if t.state == optuna.trial.TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
-        if running:
-            time.sleep(1.5)  # well inside the trial (30 epochs)
-            killed_number = running[0].number
-    assert killed_number is not None, "no trial started"
+    log = tmp_path / "first.log"
+    with log.open("wb") as f:
+        proc = kdbench("run", "k.yaml", "-q", cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT)
+    killed_number = running_trial(proc, out / "optuna.db", "k.kd", log)
+    time.sleep(1.5)  # well inside the trial (30 epochs take several seconds)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     # run again: it takes over the dead coordinator's lease, waits for the killed trial to go stale, retries it
@@ -242,21 +290,14 @@ def test_nan_prunes_and_oom_fails_only_its_trial(tmp_path, monkeypatch):
 
 def test_sigterm_ends_runs_killed(tmp_path):
     (tmp_path / "t.yaml").write_text(yaml.safe_dump(study("t", trials=2, epochs=40)))
-    proc = kdbench("run", "t.yaml", "-q", cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "run.log"
+    with log.open("wb") as f:
+        proc = kdbench("run", "t.yaml", "-q", cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=f)
     storage = f"sqlite:///{tmp_path / 'runs' / 't' / 'optuna.db'}"
-    deadline, number = time.monotonic() + 180, None
-    while time.monotonic() < deadline and number is None:
-        time.sleep(0.5)
-        try:
-            running = [t for t in optuna.load_study(study_name="t.kd", storage=storage).trials
-                       if t.state == optuna.trial.TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
-        except Exception:
-            continue
-        number = running[0].number if running else None
-    assert number is not None, "no trial started"
+    number = running_trial(proc, tmp_path / "runs" / "t" / "optuna.db", "t.kd", log)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143 and b"kdbench: terminated" in err
+    proc.wait(timeout=60)
+    assert proc.returncode == 143 and "kdbench: terminated" in log.read_text()
     trial = next(t for t in optuna.load_study(study_name="t.kd", storage=storage).trials if t.number == number)
     assert trial.state == optuna.trial.TrialState.FAIL
     c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 't' / 'mlflow.db'}")
