@@ -31,6 +31,7 @@ from kdbench.models import create_model
 from kdbench.progress import Progress
 from kdbench.teacher import TeacherInfo, default_cache_dir, get_teacher, load_state
 from kdbench.teacher_outputs import TeacherProvider, attach_cache
+from kdbench.pruning import SnapshotPruner, pruning_possible
 from kdbench.train import DistillObjective, EpochStats, FitResult, NonFiniteLoss, fit
 from kdbench.scaleout import ScaleOut
 from kdbench.validate import ResolvedEntry
@@ -107,7 +108,7 @@ class StudyRunner(ScaleOut):
     def _child(self, name: str, tags: dict[str, Any], params: Optional[dict] = None) -> Iterator[str]:
         """A child run that ends FINISHED, FAILED or KILLED according to how its block ends; a pruned trial ends
         FINISHED with ``kdbench.trial_state=PRUNED``."""
-        run_id = self.tracker.start_run(name, tags, parent=self.parent, params=params)
+        run_id = self.tracker.start_run(name, tags, parent=self.parent, params=params, synchronous=False)
         try:
             yield run_id
             # epoch metrics still queued for the tracker's writer thread land here; a batch that failed fails the
@@ -133,7 +134,7 @@ class StudyRunner(ScaleOut):
     def _epoch_logger(self, run_id: str, trial: Optional[optuna.Trial] = None):
         """Per-epoch bookkeeping: the epoch's metrics are queued for the tracker's writer thread (``_child`` waits
         for them before the run ends); a trial reports every epoch to Optuna, and asks the pruner only at epochs
-        where it can prune (``tk.pruning_possible``: not before its warm-up, only at its interval steps)."""
+        where it can prune (``pruning_possible``: not before its warm-up, only at its interval steps)."""
         reported: list[int] = []
 
         def on_epoch(stats: EpochStats) -> None:
@@ -141,7 +142,7 @@ class StudyRunner(ScaleOut):
                 if trial is not None:
                     trial.report(stats.val_acc, stats.epoch)
                     reported.append(stats.epoch)
-                    if tk.pruning_possible(trial.study.pruner, reported) and trial.should_prune():
+                    if pruning_possible(trial.study.pruner, reported) and trial.should_prune():
                         reason = f"median pruner at epoch {stats.epoch}"
                         trial.set_user_attr("kdbench.reason", reason)
                         raise optuna.TrialPruned(reason)
@@ -285,8 +286,8 @@ class StudyRunner(ScaleOut):
         s = self.cfg.sweep
         if s.pruner == "none":
             return optuna.pruners.NopPruner()
-        return optuna.pruners.MedianPruner(n_startup_trials=s.pruner_startup_trials,
-                                           n_warmup_steps=pruner_warmup(self.cfg))
+        return SnapshotPruner(optuna.pruners.MedianPruner(n_startup_trials=s.pruner_startup_trials,
+                                                          n_warmup_steps=pruner_warmup(self.cfg)))
 
     def _load_optuna(self, entry: ResolvedEntry, st) -> optuna.Study:
         return open_sweep(self.storage, optuna_study_name(self.cfg, entry.key, st.key), self._sampler(),

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from kdbench.errors import KdbenchError
+from kdbench.sqlite_wal import set_wal, wal_file
 
 ROLE, STUDY, LOSS, LOSS_NAME, SEED = "kdbench.role", "kdbench.study", "kdbench.loss", "kdbench.loss_name", "kdbench.seed"
 STATE, CONFIG_HASH, OPTUNA_STUDY, TRIAL = "kdbench.trial_state", "kdbench.config_hash", "optuna.study_name", "optuna.trial_number"
@@ -73,34 +74,6 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def pruning_possible(pruner: Any, steps: Any) -> bool:
-    """Whether ``pruner.prune`` can return True for a trial whose reported steps are ``steps`` (all of them, the
-    current one included), so that ``Trial.should_prune()`` (a storage query) is worth calling.
-
-    Exact for Optuna's ``NopPruner`` (never prunes) and ``PercentilePruner``/``MedianPruner`` (and subclasses that
-    keep their ``prune``), which return False before ``n_warmup_steps`` and at steps that are not the first report
-    in a pruning interval (the test of ``optuna.pruners._percentile._is_first_in_interval_step``); True for any
-    other pruner, or where the pruner's settings cannot be read, so an unknown pruner is always asked. The
-    ``n_startup_trials``/``n_min_trials`` conditions depend on other trials (other workers may finish some at any
-    time), so they are left to the pruner."""
-    import optuna
-
-    prune = getattr(type(pruner), "prune", None)  # a subclass that overrides prune() is an unknown pruner
-    if prune is optuna.pruners.NopPruner.prune:
-        return False
-    if prune is not optuna.pruners.PercentilePruner.prune or not steps:
-        return True
-    warmup, interval = getattr(pruner, "_n_warmup_steps", None), getattr(pruner, "_interval_steps", None)
-    if not isinstance(warmup, int) or not isinstance(interval, int) or interval < 1:
-        return True
-    step = max(steps)  # the pruner looks at trial.last_step
-    if step < warmup:
-        return False
-    nearest_lower_pruning_step = (step - warmup) // interval * interval + warmup
-    second_last_step = max((s for s in steps if s != step), default=-1)
-    return second_last_step < nearest_lower_pruning_step
-
-
 class _Writer:
     """A queue of ``log_batch`` calls sent, in order, by one daemon thread through ``client``. The thread starts with
     the first batch and stops after ``idle_s`` without one. Counts of queued batches per run and the errors of
@@ -114,10 +87,11 @@ class _Writer:
         self.errors: dict[str, list[str]] = {}
         self.thread: Optional[threading.Thread] = None
 
-    def put(self, run_id: str, metrics: list) -> None:
+    def put(self, run_id: str, **batch: list) -> None:
+        """Queue ``client.log_batch(run_id, **batch)`` (``metrics``, ``params`` and/or ``tags``)."""
         with self.cond:
             self.queued[run_id] = self.queued.get(run_id, 0) + 1
-            self.queue.put((run_id, metrics))
+            self.queue.put((run_id, batch))
             if self.thread is None:
                 self.thread = threading.Thread(target=self._loop, name="kdbench-mlflow-writer", daemon=True)
                 self.thread.start()
@@ -126,7 +100,7 @@ class _Writer:
     def _loop(self) -> None:
         while True:
             try:
-                run_id, metrics = self.queue.get(timeout=self.idle_s)
+                run_id, batch = self.queue.get(timeout=self.idle_s)
             except queue.Empty:
                 with self.cond:  # put() queues under this lock: nothing can arrive unseen
                     if self.queue.empty():
@@ -135,7 +109,7 @@ class _Writer:
                 continue
             error = None
             try:
-                self.client.log_batch(run_id, metrics=metrics)
+                self.client.log_batch(run_id, **batch)
             except BaseException as e:  # reported by wait(); the queue goes on with the next batch
                 error = mask_secrets(str(e)).splitlines()[0][:500] if str(e) else type(e).__name__
             with self.cond:
@@ -173,7 +147,7 @@ def _flush_at_exit() -> None:
     for writer in list(_WRITERS):
         errors, left = writer.wait(timeout=EXIT_WAIT_S)
         if errors or left:
-            _log.warning(f"tracking: at exit, {len(errors)} queued metric batch(es) failed and {left} were not "
+            _log.warning(f"tracking: at exit, {len(errors)} queued MLflow batch(es) failed and {left} were not "
                          f"written: " + "; ".join(errors[:3]))
 
 
@@ -189,6 +163,9 @@ class Tracker:
 
         self.uri = uri
         try:
+            wal = wal_file(uri) if create else None  # a read (report) leaves the store as it is
+            if wal is not None and wal.parent.is_dir():
+                set_wal(wal)  # before MLflow creates its tables; MLflow's own connections keep their fsyncs
             self.client = MlflowClient(tracking_uri=uri)
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None and not create:
@@ -207,21 +184,26 @@ class Tracker:
 
     # -- runs -------------------------------------------------------------------------------------------------
     def start_run(self, name: str, tags: dict[str, Any], parent: Optional[str] = None,
-                  params: Optional[dict[str, Any]] = None) -> str:
+                  params: Optional[dict[str, Any]] = None, synchronous: bool = True) -> str:
+        """A new run with its tags; its ``params`` are logged at once, or with ``synchronous=False`` queued for the
+        writer thread (``flush``/``end_run`` wait for them), so a trial's first epoch does not wait for them."""
         tags = {k: str(v) for k, v in tags.items()}
         if parent:
             tags[PARENT] = parent
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
         if params:
-            self.log_params(run.info.run_id, params)
+            self.log_params(run.info.run_id, params, synchronous=synchronous)
         return run.info.run_id
 
-    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+    def log_params(self, run_id: str, params: dict[str, Any], synchronous: bool = True) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
-            self.client.log_batch(run_id, params=items[i: i + 100])
+            if synchronous:
+                self.client.log_batch(run_id, params=items[i: i + 100])
+            else:
+                self._writer.put(run_id, params=items[i: i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0, synchronous: bool = True) -> None:
         """All of one epoch's metrics in one ``log_batch`` call. ``synchronous=False`` queues the call for the
@@ -233,14 +215,14 @@ class Tracker:
         if synchronous:
             self.client.log_batch(run_id, metrics=batch)
         else:
-            self._writer.put(run_id, batch)
+            self._writer.put(run_id, metrics=batch)
 
     def flush(self, run_id: Optional[str] = None, strict: bool = True) -> None:
         """Wait until every queued batch of ``run_id`` (of all runs if None) is written. Failed batches raise a
         ``KdbenchError`` once all have been waited for, or with ``strict=False`` are logged as a warning."""
         errors, _ = self._writer.wait(run_id)
         if errors:
-            msg = f"tracking: {len(errors)} queued metric batch(es) were not logged: " + "; ".join(errors[:3])
+            msg = f"tracking: {len(errors)} queued MLflow batch(es) were not logged: " + "; ".join(errors[:3])
             if strict:
                 raise KdbenchError(msg)
             _log.warning(msg)

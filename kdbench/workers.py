@@ -19,6 +19,7 @@ import warnings
 from typing import Any, Callable, Optional
 
 import optuna
+import sqlalchemy
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
@@ -28,6 +29,7 @@ warnings.filterwarnings("ignore", category=ExperimentalWarning, module=r"optuna\
 from optuna.trial import TrialState
 
 from kdbench.errors import KdbenchError
+from kdbench.sqlite_wal import set_wal, synchronous_normal, wal_file
 from kdbench.tracking import mask_secrets
 
 
@@ -43,10 +45,19 @@ SCHEMA_RACE_TRIES = 6
 
 def _open_rdb(url: str, heartbeat: int, max_retry: Optional[int]) -> RDBStorage:
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    wal = wal_file(url)
     for attempt in range(SCHEMA_RACE_TRIES):
         try:
-            return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry))
+            if wal is not None:
+                set_wal(wal)
+            storage = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
+                                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry))
+            if wal is not None:
+                # synchronous=NORMAL: in WAL mode a commit (each trial.report) is then an append without an fsync,
+                # ~0.7 ms against ~3 ms; it survives a killed process and loses only the last commits on power loss
+                sqlalchemy.event.listen(storage.engine, "connect", synchronous_normal)
+                storage.engine.dispose()  # the connections opened so far were made before the listener
+            return storage
         except Exception as e:
             # the other process has finished (or is finishing) the schema: opening again finds the tables in place
             if attempt + 1 == SCHEMA_RACE_TRIES or not any(m in str(e).lower() for m in _SCHEMA_RACE):

@@ -10,6 +10,7 @@ import pytest
 from kdbench import tracking as tk
 from kdbench.config import load_study
 from kdbench.errors import KdbenchError
+from kdbench.pruning import SnapshotPruner
 from kdbench.study import StudyRunner
 from kdbench.train import EpochStats
 
@@ -107,6 +108,21 @@ def test_a_queued_batch_that_fails_fails_the_run(tracker):
     assert steps(tracker, run_id, "val_acc") == [1]
 
 
+def test_a_child_runs_params_are_queued_and_land_before_it_ends(tracker):
+    r = runner(tracker)
+    params = {f"p{i:03d}": i / 7 for i in range(150)}  # over MLflow's 100 params per batch: two batches
+    with r._child("trial", {tk.ROLE: "trial"}, params=params) as run_id:
+        pass
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and len(run.data.params) == 150
+    assert run.data.params["p149"] == str(149 / 7)
+    # a queued params batch MLflow refuses (a key it does not accept) fails the run, as a metrics batch does
+    with pytest.raises(KdbenchError, match="not logged"):
+        with r._child("trial", {tk.ROLE: "trial"}, params={"not a valid name!": 1}) as run_id:
+            pass
+    assert tracker.client.get_run(run_id).info.status == "FAILED"
+
+
 def test_find_leaves_a_failed_batch_to_its_run(tracker):
     run_id = tracker.start_run("t", {tk.ROLE: "trial", tk.STUDY: "find-error"})
     tracker.log_metrics(run_id, {"not a valid name!": 1.0}, step=1, synchronous=False)
@@ -145,7 +161,7 @@ PRUNERS = {
 def test_skipping_should_prune_never_changes_a_decision(name, monkeypatch):
     pruner = PRUNERS[name]()
     if name == "configured":  # the study's own pruner, built from the study config
-        assert isinstance(pruner, optuna.pruners.MedianPruner)
+        assert isinstance(pruner, SnapshotPruner) and isinstance(pruner.pruner, optuna.pruners.MedianPruner)
     study = optuna.create_study(direction="maximize", pruner=pruner)
     r = StudyRunner.__new__(StudyRunner)
     r.tracker = SimpleNamespace(log_metrics=lambda *a, **k: None)
@@ -187,6 +203,84 @@ def test_skipping_should_prune_never_changes_a_decision(name, monkeypatch):
         # some epochs were not asked (with no warm-up and an interval of 1 every epoch is a pruning step)
         assert len(asked) == n_epochs if name == "no warm-up" else len(asked) < n_epochs
 
+
+
+# -- the pruner reads the COMPLETE trials once per trial ------------------------------------------------------------
+class Recorder(optuna.pruners.BasePruner):
+    """Records how many COMPLETE trials each call saw."""
+
+    def __init__(self):
+        self.seen = []
+
+    def prune(self, study, trial):
+        self.seen.append(len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))))
+        return False
+
+
+@pytest.mark.parametrize("make", [lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+                                  lambda: optuna.pruners.PercentilePruner(30.0, n_startup_trials=1, n_min_trials=2)])
+def test_snapshot_pruner_decides_as_the_pruner_it_wraps(tmp_path, make):
+    storage = f"sqlite:///{tmp_path / 'o.db'}"  # an RDB storage, as in a study: reads go through Optuna's cache
+    bare, snap = make(), SnapshotPruner(make())
+    study = optuna.create_study(storage=storage, direction="maximize", pruner=snap)
+    for _ in range(12):  # WAITING slots, as a sweep has; the bare pruner re-reads them at every call
+        study.enqueue_trial({})
+    reads, get_trials = [], study.get_trials
+
+    def counted(*a, **k):
+        reads.append(k.get("states"))
+        return get_trials(*a, **k)
+
+    study.get_trials = counted
+    rng = np.random.default_rng(1)
+    decisions, n_trials = [], 12
+    for _ in range(n_trials):
+        trial = study.ask()
+        level, pruned = rng.uniform(0.2, 0.9), False
+        reads_before = len(reads)
+        for epoch in range(8):
+            trial.report(float(level + 0.02 * epoch + rng.normal(0, 0.03)), epoch)
+            frozen = study._storage.get_trial(trial._trial_id)
+            pruned = snap.prune(study, frozen)
+            assert pruned == bare.prune(optuna.load_study(study_name=study.study_name, storage=storage), frozen)
+            decisions.append(pruned)
+            if pruned:
+                break
+        assert len(reads) - reads_before <= 1  # one read of the COMPLETE trials per trial, at most
+        if pruned:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(trial, float(level))
+    assert any(decisions) and not all(decisions)  # decisions of both kinds were compared
+
+
+def test_snapshot_pruner_sees_other_workers_trials_at_the_next_trial_or_after_max_age(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    other = optuna.load_study(study_name="s", storage=storage)  # another worker on the same storage
+
+    def report_and_prune(study, trial, epoch):
+        trial.report(0.5, epoch)
+        study.pruner.prune(study, study._storage.get_trial(trial._trial_id))
+
+    # COMPLETE trials seen at: my first epoch, my epoch after the other worker finished one, my next trial (which
+    # also counts my own finished trial)
+    for max_age_s, seen in ((3600.0, [1, 1, 3]), (0.0, [1, 2, 3])):
+        rec = Recorder()
+        mine = optuna.load_study(study_name="s", storage=storage, pruner=SnapshotPruner(rec, max_age_s=max_age_s))
+        done = other.ask()
+        other.tell(done, 0.5)  # 1 COMPLETE before my trial starts
+        trial = mine.ask()
+        report_and_prune(mine, trial, 0)
+        done = other.ask()
+        other.tell(done, 0.6)  # the other worker completes one while my trial runs
+        report_and_prune(mine, trial, 1)
+        mine.tell(trial, 0.4)
+        nxt = mine.ask()
+        report_and_prune(mine, nxt, 0)  # a new trial reads again
+        base = rec.seen[0] - 1
+        assert [n - base for n in rec.seen] == seen, max_age_s
+        mine.tell(nxt, 0.4)
 
 EXIT_SCRIPT = """
 import sys

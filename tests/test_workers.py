@@ -122,6 +122,35 @@ def test_workers_opening_a_fresh_storage_together_all_succeed(tmp_path):
         assert optuna.create_study(study_name="s", storage=f"sqlite:///{path}").study_name == "s"
 
 
+def _journal(path):
+    with closing(sqlite3.connect(path)) as con:
+        return con.execute("PRAGMA journal_mode").fetchone()[0]
+
+
+def test_local_sqlite_storage_runs_in_wal_mode(tmp_path, monkeypatch):
+    from kdbench import sqlite_wal, workers
+
+    storage = workers.make_storage(f"sqlite:///{tmp_path / 'wal.db'}", heartbeat=1)
+    assert _journal(tmp_path / "wal.db") == "wal"
+    with storage.engine.connect() as con:  # the storage's own connections: commits without an fsync
+        assert con.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    study = optuna.create_study(study_name="w", storage=storage)
+    trial = study.ask()
+    trial.report(0.5, 1)
+    # another process's view, read-only while the storage is open: the commit is there
+    with closing(sqlite3.connect(f"file:{tmp_path / 'wal.db'}?mode=ro", uri=True)) as con:
+        assert con.execute("SELECT intermediate_value FROM trial_intermediate_values").fetchall() == [(0.5,)]
+    assert sqlite_wal.filesystem_type(Path("/proc/self")) in ("proc", None)  # None off Linux
+    # opted out, or on a network file system: the default rollback journal
+    monkeypatch.setenv("KDBENCH_SQLITE_WAL", "0")
+    workers.make_storage(f"sqlite:///{tmp_path / 'off.db'}", heartbeat=1)
+    assert _journal(tmp_path / "off.db") == "delete"
+    monkeypatch.delenv("KDBENCH_SQLITE_WAL")
+    monkeypatch.setattr(sqlite_wal, "filesystem_type", lambda path: "nfs4")
+    workers.make_storage(f"sqlite:///{tmp_path / 'nfs.db'}", heartbeat=1)
+    assert _journal(tmp_path / "nfs.db") == "delete"
+
+
 def test_worker_killed_mid_trial_then_resumed(tmp_path):
     (tmp_path / "k.yaml").write_text(yaml.safe_dump(study("k", trials=3, epochs=30, heartbeat=1)))
     out = tmp_path / "runs" / "k"
