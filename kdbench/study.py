@@ -396,11 +396,17 @@ class StudyRunner(ScaleOut):
                 field = f"teacher[{i}]" if isinstance(cfg.teacher, list) else "teacher"
                 load_state(create_model(t.model, data.num_classes, data.in_chans, t.kwargs), Path(t.checkpoint),
                            f"{field}.checkpoint", t.model)
+        created = next((d for d in reversed([paths.out, *paths.out.parents]) if not d.exists()), None)
         paths.out.mkdir(parents=True, exist_ok=True)
-        self.storage = make_storage(paths.storage, cfg.sweep.heartbeat)
-        self.tracker = tk.Tracker(paths.tracking_uri, self.experiment,
-                                  artifact_dir=None if "://" in paths.tracking_uri.removeprefix("sqlite:///")
-                                  else paths.out / "artifacts")
+        try:
+            self.storage = make_storage(paths.storage, cfg.sweep.heartbeat)
+            self.tracker = tk.Tracker(paths.tracking_uri, self.experiment,
+                                      artifact_dir=None if "://" in paths.tracking_uri.removeprefix("sqlite:///")
+                                      else paths.out / "artifacts")
+        except KdbenchError:  # an unreachable store: leave nothing behind, not even the new output directory
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            raise
         lease = CoordinatorLease(paths.storage, cfg.name, cfg.sweep.heartbeat)
         if self.worker_only:
             self.coordinator = False

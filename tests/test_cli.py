@@ -55,6 +55,18 @@ def test_run_bad_input_one_line_nothing_written(tmp_path, capsys, monkeypatch, s
     assert set(os.listdir(tmp_path)) == before  # no output dir, no mlflow.db, no optuna.db, no report
 
 
+
+def test_unreachable_storage_one_line_nothing_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(GOOD))
+    before = set(os.listdir(tmp_path))
+    missing = tmp_path / "no-such-dir" / "o.db"  # sqlite does not create a missing directory
+    code = main(["run", "s.yaml", "--out", str(tmp_path / "runs" / "s"), "--storage", f"sqlite:///{missing}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("kdbench: error: storage: cannot open Optuna storage"), err
+    assert set(os.listdir(tmp_path)) == before  # the output directory (and runs/ above it) removed again
+
 def test_validate_ok_and_bad(tmp_path, capsys):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(GOOD))
