@@ -1,10 +1,10 @@
 """Benchmark 3: share of a quickstart trial's wall time spent in MLflow and Optuna bookkeeping.
 
-A small real study (``studies/quickstart.yaml`` with one loss) runs through ``kdbench.study.run_study`` in a temporary
+A small real study (``studies/quickstart.yaml`` with one loss) runs through ``kdbench.study.runner.run_study`` in a temporary
 directory while every public ``kdbench.tracking.Tracker`` method and the Optuna ``Trial`` calls the study makes
 (report, should_prune, set_user_attr, suggest_*) are wrapped with timers. The sweep loop is wrapped too
-(``kdbench.study.run_slots`` where the library has it, else ``optuna.Study.optimize``) so each trial's objective is
-timed, and ``StudyRunner._sweep`` so the sweep's wall time is known; what happens in the sweep outside the objectives
+(``kdbench.sweep.slots.run_slots`` where the library has it, else ``optuna.Study.optimize``) so each trial's objective is
+timed, and ``Phases.sweep`` so the sweep's wall time is known; what happens in the sweep outside the objectives
 (opening the Optuna study, claiming/asking and telling trials, storage writes, sampling, the progress callback) is
 the sweep wall time minus the objectives. The patches are undone afterwards.
 
@@ -26,11 +26,13 @@ from pathlib import Path
 import optuna
 
 import common
-from kdbench import study as kstudy
-from kdbench import tracking as tk
+from kdbench.study.phases import Phases
+from kdbench.sweep import slots as kslots
+from kdbench.tracking import tags as tk
+from kdbench.tracking.mlflow import MlflowTracker
 from kdbench.config import load_study, parse_study
-from kdbench.study import run_study
-from kdbench.validate import check_study
+from kdbench.study.runner import run_study
+from kdbench.study.checks import check_study
 
 GOAL = 0.02
 TRACKER_METHODS = ("start_run", "log_params", "log_metrics", "set_tags", "flush", "end_run", "reopen", "log_artifact",
@@ -101,9 +103,9 @@ class Timers:
     def wrap_flushes(self) -> None:
         """Every ``Tracker.flush`` on the main thread during a trial, also those nested in ``end_run`` (kept apart
         from ``calls``: their time is already in the outer call's)."""
-        if "flush" not in vars(tk.Tracker):
+        if "flush" not in vars(MlflowTracker):
             return
-        orig = vars(tk.Tracker)["flush"]
+        orig = vars(MlflowTracker)["flush"]
         timers = self
 
         @functools.wraps(orig)
@@ -115,7 +117,7 @@ class Timers:
                 if timers.current is not None and threading.current_thread() is threading.main_thread():
                     timers.current.flushes.append(time.perf_counter() - t0)
 
-        self._patch(tk.Tracker, "flush", flush)
+        self._patch(MlflowTracker, "flush", flush)
 
     def _objective(self, func):
         timers = self
@@ -142,8 +144,8 @@ class Timers:
 
     def wrap_sweep(self) -> None:
         # the loop that calls the objective: run_slots(study, objective, done) or Study.optimize(self, func, ...)
-        if "run_slots" in vars(kstudy):
-            owner, name = kstudy, "run_slots"
+        if "run_slots" in vars(kslots):
+            owner, name = kphases_module(), "run_slots"
         else:
             owner, name = optuna.study.Study, "optimize"
         orig = vars(owner)[name]
@@ -154,7 +156,7 @@ class Timers:
             return orig(first, self._objective(func), *a, **k)
 
         self._patch(owner, name, loop)
-        orig_sweep = kstudy.StudyRunner.__dict__["_sweep"]
+        orig_sweep = Phases.__dict__["sweep"]
 
         @functools.wraps(orig_sweep)
         def sweep(*a, **k):
@@ -164,7 +166,7 @@ class Timers:
             finally:
                 self.sweep_seconds += time.perf_counter() - t0
 
-        self._patch(kstudy.StudyRunner, "_sweep", sweep)
+        self._patch(Phases, "sweep", sweep)
 
     def undo(self) -> None:
         for owner, name, orig in reversed(self._undo):
@@ -179,7 +181,7 @@ def instrumented():
         timers.wrap_flushes()  # beneath the generic timer of flush
         queued = lambda a, k: "log_metrics (queued)" if k.get("synchronous") is False else "log_metrics"  # noqa: E731
         for m in TRACKER_METHODS:
-            timers.wrap(tk.Tracker, m, "mlflow", label=queued if m == "log_metrics" else None)
+            timers.wrap(MlflowTracker, m, "mlflow", label=queued if m == "log_metrics" else None)
         # MLflow calls from the tracker's writer thread (main-thread ones are inside a Tracker method: not timed)
         from mlflow import MlflowClient
         timers.wrap(MlflowClient, "log_batch", "mlflow")
@@ -190,6 +192,13 @@ def instrumented():
         yield timers
     finally:
         timers.undo()
+
+
+def kphases_module():
+    """The module whose global ``run_slots`` the sweep calls (patched there, where it is looked up)."""
+    import kdbench.study.phases
+
+    return kdbench.study.phases
 
 
 def study_config(trials: int, epochs: int | None, device: str, name: str, pruner: str = "median", seed: int = 0):
@@ -211,7 +220,7 @@ def study_config(trials: int, epochs: int | None, device: str, name: str, pruner
 def log_batch_cost(uri: str, tmp: Path, n: int) -> dict:
     """Median ms of one ``log_batch`` of an epoch's metrics (what ``Tracker.log_metrics`` sends), in a new
     experiment of the store at ``uri``."""
-    tracker = tk.Tracker(uri, "logbatch-probe", artifact_dir=tmp / "artifacts")
+    tracker = MlflowTracker(uri, "logbatch-probe", artifact_dir=tmp / "artifacts")
     run_id = tracker.start_run("probe", {"kdbench.role": "probe"})
     metrics = {"train_loss": 1.0, "val_acc": 0.5, "val_loss": 1.2, "lr": 0.05, "epoch_seconds": 0.2,
                "test_acc": 0.5, "loss_ce": 1.0, "loss_kd": 0.4}
@@ -280,7 +289,7 @@ def run(args) -> common.Section:
         f"cache, `test_resnet` student, {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, median pruner) "
         f"with the `kd` loss only, {trials} trials, one confirm seed, device `{args.device}`, {args.threads} "
         f"thread(s), MLflow and Optuna on sqlite in a temporary directory. The whole study (teacher load, baseline, "
-        f"sweep, confirm, leaderboard) took {study_seconds:.1f} s; the sweep (`StudyRunner._sweep`, loop "
+        f"sweep, confirm, leaderboard) took {study_seconds:.1f} s; the sweep (`Phases.sweep`, loop "
         f"`{timers.loop_name}`) {wall:.1f} s.",
         "",
         "Bookkeeping = time inside `Tracker` methods (MLflow) and the Optuna `Trial` calls on the trial's thread "

@@ -21,9 +21,10 @@ from kdbench.config import Recipe
 from kdbench.data import TensorSet
 from kdbench.losses import create_loss, load_card
 from kdbench.models import count_params, create_model
-from kdbench.backend import configure_backend
-from kdbench.teacher_outputs import TeacherProvider
-from kdbench.train import DistillObjective, fit
+from kdbench.engine.device import configure_backend
+from kdbench.engine.teacher_outputs import TeacherProvider
+from kdbench.engine.objectives import DistillObjective
+from kdbench.engine.train import fit
 
 FULL_N, VAL_N, CLASSES, BATCH, FULL_EPOCHS = 50_000, 10_000, 100, 64, 240
 CONFIGS = {  # name: (precision, channels_last, torch.compile mode or None)

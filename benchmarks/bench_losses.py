@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import common
 from kdbench.losses import create_loss, list_losses, load_card
 from kdbench.losses.base import LossContext
-from kdbench.outputs import Outputs
+from kdbench.losses.outputs import Outputs
 
 B, C = 256, 100
 # stage maps of a CIFAR ResNet (resnet8x4-like student at 32×32) and a teacher with 4× the channels

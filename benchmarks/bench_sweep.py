@@ -14,10 +14,13 @@ from pathlib import Path
 
 import common
 from bench_bookkeeping import study_config
-from kdbench import report as kreport
-from kdbench import tracking as tk
+from kdbench.report import store as kstore
+from kdbench.tracking import tags as tk
+from kdbench.tracking.mlflow import MlflowTracker
 from kdbench.data import load_data
-from kdbench.study import StudyRunner, pruner_warmup, run_study
+from kdbench.study.phases import Phases
+from kdbench.study.runner import run_study
+from kdbench.sweep.samplers import pruner_warmup
 
 TOLERANCE = 0.005  # ±0.5 accuracy points
 GOAL_SHARE = 0.5
@@ -28,20 +31,19 @@ VARIANTS = ("median", SHORT, "none")
 
 @contextlib.contextmanager
 def sweep_only():
-    """Skip the phases around the sweep (baseline, confirm, leaderboard)."""
-    saved = StudyRunner._baseline, StudyRunner._confirm, kreport.write_report
-    StudyRunner._baseline = lambda self, data, st: None
-    StudyRunner._confirm = lambda self, data, st: None
-    kreport.write_report = lambda tracker, parent, report_dir: Path(report_dir) / "skipped"
+    """Skip the phases around the sweep (baseline, confirm; ``run_study`` writes no leaderboard)."""
+    saved = Phases.baseline, Phases.confirm
+    Phases.baseline = lambda self, data, st: None
+    Phases.confirm = lambda self, data, st: None
     try:
         yield
     finally:
-        StudyRunner._baseline, StudyRunner._confirm, kreport.write_report = saved
+        Phases.baseline, Phases.confirm = saved
 
 
 def sweep_trials(summary) -> list[dict]:
-    tracker = tk.Tracker(summary.paths.tracking_uri, summary.experiment, create=False)
-    runs = kreport.runs_frame(tracker, summary.parent_run_id)
+    tracker = MlflowTracker(summary.paths.tracking_uri, summary.experiment, create=False)
+    runs = kstore.runs_frame(tracker, summary.parent_run_id)
     trials = runs[runs.role == "trial"].sort_values("trial")
     out = []
     for row in trials.itertuples():
@@ -87,7 +89,7 @@ def run(args) -> common.Section:
                 summary = run_study(cfg, entries, out=Path(tmp) / f"{pruner}-{seed}", report_dir=Path(tmp) / "r",
                                     quiet=True)
                 per[pruner] = {"trials": sweep_trials(summary), "wall": time.perf_counter() - t0,
-                               "warmup": pruner_warmup(cfg)}
+                               "warmup": pruner_warmup(cfg.train.epochs, cfg.sweep.pruner_warmup_epochs)}
             results.append((seed, per, cfg))
 
     sections, goals, rows, searched = [], [], [], []
@@ -165,7 +167,7 @@ def run(args) -> common.Section:
     body = [
         f"`run_study` on `studies/quickstart.yaml` changed to: the `kd` loss only, {trials} trials, "
         f"{cfg.train.epochs} epochs per trial, sweep seeds {', '.join(map(str, seeds))}, pruner `median` "
-        f"(startup {cfg.sweep.pruner_startup_trials} trials, warm-up {pruner_warmup(cfg)} epochs: the default, a third "
+        f"(startup {cfg.sweep.pruner_startup_trials} trials, warm-up {pruner_warmup(cfg.train.epochs, cfg.sweep.pruner_warmup_epochs)} epochs: the default, a third "
         f"of the epochs) vs "
         f"`none`, and for context the median pruner with the former default warm-up of {SHORT_WARMUP} epochs; same "
         f"TPE sampler and "

@@ -1,4 +1,4 @@
-"""Benchmark 2: student training throughput through ``kdbench.train.fit``: CE only vs KD with a cached teacher vs KD
+"""Benchmark 2: student training throughput through ``kdbench.engine.train.fit``: CE only vs KD with a cached teacher vs KD
 with a live teacher; with augmentation, KD with the teacher's outputs cached per epoch (``data.augment_seed``) vs a
 live teacher; optionally the CE step under ``torch.compile``.
 
@@ -17,8 +17,9 @@ from kdbench.data import TensorSet
 from kdbench.data.augment import EpochViews
 from kdbench.losses import create_loss, load_card
 from kdbench.models import count_params, create_model
-from kdbench.teacher_outputs import TeacherProvider
-from kdbench.train import CEObjective, DistillObjective, fit
+from kdbench.engine.teacher_outputs import TeacherProvider
+from kdbench.engine.objectives import CEObjective, DistillObjective
+from kdbench.engine.train import fit
 
 STUDENT, TEACHER = "test_resnet", "resnet18"
 MODES = ("ce", "kd_cached", "kd_live", "kd_seeded_cached", "kd_aug_live")
@@ -91,7 +92,7 @@ def run(args) -> common.Section:
     s_params = count_params(create_model(STUDENT, classes, 3))
     t_params = count_params(teacher)
     body = [
-        f"`kdbench.train.fit` on {n} synthetic 3×32×32 images, {classes} classes, batch {bs} ({n // bs} steps per "
+        f"`kdbench.engine.train.fit` on {n} synthetic 3×32×32 images, {classes} classes, batch {bs} ({n // bs} steps per "
         f"epoch), SGD, fp32, device `{device}`, {args.threads} thread(s). Student timm `{STUDENT}` "
         f"({s_params / 1e6:.2f}M params), teacher timm `{TEACHER}` ({t_params / 1e6:.2f}M params). "
         "Modes: `ce` = `CEObjective`; `kd_cached` = `DistillObjective(create_loss('kd'), TeacherProvider([teacher]), "

@@ -10,26 +10,22 @@ from pathlib import Path
 
 
 def _cmd_run(args) -> int:
-    from kdbench.config import load_study
-    from kdbench.study import run_study
-    from kdbench.tracking import mask_secrets
-    from kdbench.validate import check_study
+    from kdbench.api import run_study
+    from kdbench.errors import mask_secrets
 
-    cfg = load_study(args.study)
-    entries = check_study(cfg, args.study)
     workers, gpus = _workers(args.workers)
-    s = run_study(cfg, entries, out=args.out, report_dir=args.report_dir, tracking_uri=args.tracking_uri,
+    s = run_study(args.study, out=args.out, report_dir=args.report_dir, tracking_uri=args.tracking_uri,
                   storage=args.storage, quiet=args.quiet, worker=args.worker, workers=workers, gpus=gpus)
     uri = mask_secrets(s.paths.tracking_uri)
-    if s.leaderboard is None:
-        print(f"worker done: study {cfg.name!r}, runs at {uri}")
+    if not s.coordinator:
+        print(f"worker done: study {s.name!r}, runs at {uri}")
         return 0
-    print(f"\nstudy {cfg.name!r} done (teacher {s.teacher_source})")
+    print(f"\nstudy {s.name!r} done (teacher {s.teacher_source})")
     print(f"  leaderboard : {s.leaderboard}")
     print(f"  MLflow runs : {uri}  (experiment {s.experiment!r}, study run {s.parent_run_id})")
     if uri.startswith("sqlite:///"):
         print(f"                mlflow ui --backend-store-uri {uri}")
-    print(f"  Optuna      : {mask_secrets(s.paths.storage)}  (one study per loss: {cfg.name}.<loss>)")
+    print(f"  Optuna      : {mask_secrets(s.paths.storage)}  (one study per loss: {s.name}.<loss>)")
     print(f"  output dir  : {s.paths.out}")
     return 0
 
@@ -50,10 +46,12 @@ def _workers(spec: str) -> tuple[int, list[str]]:
 
 def _cmd_report(args) -> int:
     from kdbench.errors import KdbenchError
-    from kdbench.report import find_study_run, open_study_store, write_report
+    from kdbench.report.leaderboard import write_report
+    from kdbench.report.store import find_study_run, open_study_store
+    from kdbench.tracking.tags import STUDY
 
     if args.compare:
-        from kdbench.compare import write_compare
+        from kdbench.report.compare import write_compare
 
         print(write_compare(args.compare, Path(args.report_dir or Path("reports") / "compare")))
         return 0
@@ -62,7 +60,7 @@ def _cmd_report(args) -> int:
         raise KdbenchError("report: give a run directory, or --tracking-uri (or MLFLOW_TRACKING_URI) with --experiment")
     tracker = open_study_store(args.dir, uri, args.experiment)
     parent = find_study_run(tracker)
-    study = parent.data.tags.get("kdbench.study", "study")
+    study = parent.data.tags.get(STUDY, "study")
     path = write_report(tracker, parent.info.run_id, Path(args.report_dir or Path("reports") / study),
                         figures=not args.no_figures)
     print(path)
@@ -70,13 +68,13 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_validate(args) -> int:
-    from kdbench.config import load_study
-    from kdbench.validate import check_study
+    from kdbench.api import load_and_check
 
-    cfg = load_study(args.study)
-    entries = check_study(cfg, args.study)
-    print(f"{args.study}: ok — study {cfg.name!r}, teacher {cfg.teacher.model}, student {cfg.student.model}, "
-          f"{len(entries)} loss(es) × {cfg.sweep.trials} trials, {len(cfg.confirm.seed_list)} confirm seeds")
+    cfg, entries = load_and_check(args.study)
+    models = lambda specs: " + ".join(s.model for s in specs)  # noqa: E731
+    print(f"{args.study}: ok — study {cfg.name!r}, teacher {models(cfg.teachers)}, student "
+          f"{', '.join(s.key for s in cfg.students)}, {len(entries)} loss(es) × {cfg.sweep.trials} trials, "
+          f"{len(cfg.confirm.seed_list)} confirm seeds")
     for e in entries:
         space = ", ".join(f"{k} {v.describe()}" for k, v in e.space.items()) or "nothing searched"
         print(f"  {e.key}: {space}")

@@ -7,12 +7,14 @@ import numpy as np
 import optuna
 import pytest
 
-from kdbench import tracking as tk
+from kdbench.tracking import tags as tk
+from kdbench.tracking.mlflow import MlflowTracker
 from kdbench.config import load_study
 from kdbench.errors import KdbenchError
-from kdbench.pruning import SnapshotPruner
-from kdbench.study import StudyRunner
-from kdbench.train import EpochStats
+from kdbench.sweep.samplers import SnapshotPruner
+from kdbench.study.runs import RunBook
+from kdbench.sweep.samplers import make_pruner
+from kdbench.engine.train import EpochStats
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("train_loss", "val_acc", "val_loss", "lr", "epoch_seconds")
@@ -27,13 +29,11 @@ def stats(epoch: int, val_acc: float = 0.5) -> EpochStats:
 def tracker(tmp_path_factory):
     """One store for the module (creating an MLflow database takes seconds); each test has its own runs."""
     tmp = tmp_path_factory.mktemp("mlflow")
-    return tk.Tracker(f"sqlite:///{tmp / 'mlflow.db'}", "bookkeeping", artifact_dir=tmp / "artifacts")
+    return MlflowTracker(f"sqlite:///{tmp / 'mlflow.db'}", "bookkeeping", artifact_dir=tmp / "artifacts")
 
 
-def runner(tracker) -> StudyRunner:
-    """Just what ``_child`` and ``_epoch_logger`` use."""
-    r = StudyRunner.__new__(StudyRunner)
-    r.tracker = tracker
+def runner(tracker) -> RunBook:
+    r = RunBook(tracker, "bookkeeping")
     r.parent = tracker.start_run("study", {tk.ROLE: "study"})
     return r
 
@@ -67,8 +67,8 @@ def test_find_sees_queued_metrics(tracker):
 def test_run_ended_by_an_exception_keeps_the_epochs_logged_before(tracker, exc, status):
     r = runner(tracker)
     with pytest.raises(type(exc)):
-        with r._child("trial", {tk.ROLE: "trial"}) as run_id:
-            on_epoch = r._epoch_logger(run_id)
+        with r.child("trial", {tk.ROLE: "trial"}) as run_id:
+            on_epoch = r.epoch_logger(run_id)
             for epoch in range(1, 6):
                 on_epoch(stats(epoch))
             raise exc
@@ -88,8 +88,8 @@ def test_pruned_trial_keeps_its_epochs(tracker):
     study.tell(done, 0.9)
     trial = study.ask()
     with pytest.raises(optuna.TrialPruned):
-        with r._child("trial", {tk.ROLE: "trial"}) as run_id:
-            on_epoch = r._epoch_logger(run_id, trial)
+        with r.child("trial", {tk.ROLE: "trial"}) as run_id:
+            on_epoch = r.epoch_logger(run_id, trial)
             for epoch in range(1, 6):
                 on_epoch(stats(epoch, val_acc=0.1))
     run = tracker.client.get_run(run_id)
@@ -100,7 +100,7 @@ def test_pruned_trial_keeps_its_epochs(tracker):
 def test_a_queued_batch_that_fails_fails_the_run(tracker):
     r = runner(tracker)
     with pytest.raises(KdbenchError, match="not logged"):
-        with r._child("trial", {tk.ROLE: "trial"}) as run_id:
+        with r.child("trial", {tk.ROLE: "trial"}) as run_id:
             tracker.log_metrics(run_id, {"val_acc": 0.5}, step=1, synchronous=False)
             tracker.log_metrics(run_id, {"not a valid name!": 1.0}, step=2, synchronous=False)
     run = tracker.client.get_run(run_id)
@@ -111,14 +111,14 @@ def test_a_queued_batch_that_fails_fails_the_run(tracker):
 def test_a_child_runs_params_are_queued_and_land_before_it_ends(tracker):
     r = runner(tracker)
     params = {f"p{i:03d}": i / 7 for i in range(150)}  # over MLflow's 100 params per batch: two batches
-    with r._child("trial", {tk.ROLE: "trial"}, params=params) as run_id:
+    with r.child("trial", {tk.ROLE: "trial"}, params=params) as run_id:
         pass
     run = tracker.client.get_run(run_id)
     assert run.info.status == "FINISHED" and len(run.data.params) == 150
     assert run.data.params["p149"] == str(149 / 7)
     # a queued params batch MLflow refuses (a key it does not accept) fails the run, as a metrics batch does
     with pytest.raises(KdbenchError, match="not logged"):
-        with r._child("trial", {tk.ROLE: "trial"}, params={"not a valid name!": 1}) as run_id:
+        with r.child("trial", {tk.ROLE: "trial"}, params={"not a valid name!": 1}) as run_id:
             pass
     assert tracker.client.get_run(run_id).info.status == "FAILED"
 
@@ -143,7 +143,7 @@ def test_flush_not_strict_only_reports(tracker, caplog):
 # -- should_prune only where the pruner can prune ---------------------------------------------------------------
 def configured_pruner():
     cfg = load_study(ROOT / "studies" / "quickstart.yaml")
-    return StudyRunner._pruner(SimpleNamespace(cfg=cfg))
+    return make_pruner(cfg.sweep, cfg.train.epochs)
 
 
 PRUNERS = {
@@ -163,8 +163,7 @@ def test_skipping_should_prune_never_changes_a_decision(name, monkeypatch):
     if name == "configured":  # the study's own pruner, built from the study config
         assert isinstance(pruner, SnapshotPruner) and isinstance(pruner.pruner, optuna.pruners.MedianPruner)
     study = optuna.create_study(direction="maximize", pruner=pruner)
-    r = StudyRunner.__new__(StudyRunner)
-    r.tracker = SimpleNamespace(log_metrics=lambda *a, **k: None)
+    r = RunBook(SimpleNamespace(log_metrics=lambda *a, **k: None), "s")
     asked = []
     should_prune = optuna.trial.Trial.should_prune
 
@@ -176,7 +175,7 @@ def test_skipping_should_prune_never_changes_a_decision(name, monkeypatch):
     epochs, n_pruned, n_epochs = 9, 0, 0
     for number in range(10):
         trial = study.ask()
-        on_epoch = r._epoch_logger("run", trial)
+        on_epoch = r.epoch_logger("run", trial)
         level = rng.uniform(0.2, 0.9)
         pruned = False
         for epoch in range(1, epochs + 1):
@@ -284,8 +283,9 @@ def test_snapshot_pruner_sees_other_workers_trials_at_the_next_trial_or_after_ma
 
 EXIT_SCRIPT = """
 import sys
-from kdbench import tracking as tk
-t = tk.Tracker(sys.argv[1], "bookkeeping", create=False)
+from kdbench.tracking import tags as tk
+from kdbench.tracking.mlflow import MlflowTracker
+t = MlflowTracker(sys.argv[1], "bookkeeping", create=False)
 run_id = t.start_run("exit", {tk.ROLE: "trial"})
 print(run_id, flush=True)
 for epoch in range(1, 51):

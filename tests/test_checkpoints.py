@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kdbench.checkpoints import load_into, read_state, save_checkpoint
+from kdbench.engine.checkpoints import load_into, read_state, save_checkpoint
 from kdbench.errors import KdbenchError
 from kdbench.models import create_model
-from kdbench.teacher import load_state
+from kdbench.engine.teacher import load_state
 
 MARKER = "kdbench_pwned_marker"
 

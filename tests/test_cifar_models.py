@@ -5,7 +5,8 @@ import timm
 import torch
 
 from kdbench.errors import KdbenchError
-from kdbench.models import check_model_name, count_params, create_model, forward_outputs
+from kdbench.models import check_model_name, count_params, create_model
+from kdbench.engine.taps import forward_outputs
 
 # Parameter counts at num_classes=100 of the published architectures: HobbitLong/RepDistiller models/*.py (commit
 # eedab9d; resnet.py, wrn.py, vgg.py with BN as models/__init__.py maps vgg8..vgg19 to vgg*_bn, mobilenetv2.py's

@@ -6,7 +6,7 @@ import yaml
 
 from kdbench.config import load_study, parse_study
 from kdbench.errors import KdbenchError
-from kdbench.validate import check_study
+from kdbench.study.checks import check_study
 
 BASE = {
     "name": "t",
@@ -130,7 +130,7 @@ def test_colliding_own_parameter_is_namespaced():
     d = with_("losses", [{"name": "dkd", "params": {"dkd.alpha": 2.0, "alpha": 0.7},
                           "search": {"dkd.beta": {"low": 1, "high": 4}}}])
     (e,) = check_study(parse_study(d))
-    from kdbench.validate import split_values
+    from kdbench.study.plan import split_values
 
     own, mix = split_values(e.values({"beta": 3.0}), "dkd")
     assert own["alpha"] == 2.0 and own["beta"] == 3.0 and own["temperature"] == 4.0

@@ -8,7 +8,7 @@ from kdbench.errors import KdbenchError
 from kdbench.losses import Outputs, create_loss
 from kdbench.losses.base import LossContext
 from kdbench.losses.reviewkd import hcl_per_sample, hcl_weights
-from kdbench.models import forward_outputs
+from kdbench.engine.taps import forward_outputs
 
 CTX = LossContext(num_classes=10, num_samples=100, epochs=30)
 

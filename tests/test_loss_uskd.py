@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from kdbench.errors import KdbenchError
 from kdbench.losses import Outputs, create_loss
 from kdbench.losses.base import LossContext
-from kdbench.models import forward_outputs
+from kdbench.engine.taps import forward_outputs
 
 CTX = LossContext(num_classes=10, num_samples=100, epochs=30)
 # test_resnet on a (B, 1, 32, 32) input: stage channels and sizes

@@ -39,7 +39,7 @@ def test_duplicate_registration_is_refused():
 
 def test_cards_match_classes_one_to_one():
     from kdbench.losses import card_names
-    from kdbench.losses.cards import MIX_PARAMS, knob_name
+    from kdbench.losses.card import MIX_PARAMS, knob_name
 
     assert card_names() == list_losses()
     for name in list_losses():
@@ -145,3 +145,42 @@ def test_standardize_option_is_affine_invariant(logits):
     assert kd(out(3 * zs + 1), out(0.5 * zt - 2)).item() == pytest.approx(base, rel=1e-4)
     assert kd(out(zs), out(2 * zs + 7)).item() == pytest.approx(0.0, abs=1e-5)
     assert "standardize" in loss_parameters("mse_logits")
+
+
+def test_list_losses_by_family_partitions_the_registry():
+    from kdbench.losses.card import FAMILIES
+
+    by_family = {f: list_losses(family=f) for f in FAMILIES}
+    assert sorted(n for names in by_family.values() for n in names) == list_losses()
+    assert "kd" in by_family["logit"] and by_family["self"] == ["uskd"]
+    assert all(load_card(n).family == f for f, names in by_family.items() for n in names)
+    with pytest.raises(KdbenchError, match=r"unknown loss family 'logits'; known: logit, feature, embedding"):
+        list_losses(family="logits")
+
+
+def test_create_loss_fills_parameters_from_the_card():
+    assert create_loss("kd").temperature == load_card("kd").defaults["temperature"] == 4.0
+    dkd = create_loss("dkd", beta=2.0)
+    assert (dkd.temperature, dkd.alpha, dkd.beta, dkd.warmup) == (4.0, 1.0, 2.0, 20.0)
+    assert loss_parameters("crd")["nce_k"] == 16384 and loss_parameters("crcd")["nce_k"] == 500
+    # a card's list is copied, never shared with (or mutated through) a loss's arguments
+    loss_parameters("mmd")["factors"].append(99)
+    assert load_card("mmd").defaults["factors"] == [1, 2, 4, 8, 16]
+
+
+def test_needs_in_a_class_body_is_refused(monkeypatch):
+    from kdbench.losses import _registry
+
+    create_loss("kd")  # the built-ins are registered
+    monkeypatch.delitem(_registry._REGISTRY, "kd")  # restored after the test
+    with pytest.raises(ValueError, match="stated twice"):
+        @register_loss("kd")
+        class Twice(DistillLoss):
+            needs = frozenset({"logits"})
+
+
+def test_an_entry_without_a_card_is_refused():
+    with pytest.raises(KdbenchError, match="has no card"):
+        @register_loss("no_such_card")
+        class Cardless(DistillLoss):
+            pass

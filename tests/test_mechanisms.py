@@ -9,7 +9,7 @@ from kdbench.errors import KdbenchError
 from kdbench.losses import Outputs, create_loss
 from kdbench.losses.combine import CombinedLoss
 from kdbench.losses.weighting import KDWeighting, confidence_weights, ramp
-from kdbench.validate import check_study
+from kdbench.study.checks import check_study
 
 BASE = {"name": "m", "teacher": {"model": "test_resnet", "epochs": 1}, "student": {"model": "test_resnet"}}
 
@@ -141,8 +141,8 @@ def test_entry_weighting_from_study(logits):
 
 
 def test_teacher_fusion_is_weighted_logit_average():
-    from kdbench.teacher_outputs import TeacherProvider
-    from kdbench.train import Batch
+    from kdbench.engine.teacher_outputs import TeacherProvider
+    from kdbench.engine.objectives import Batch
 
     torch.manual_seed(0)
     a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)

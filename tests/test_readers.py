@@ -14,7 +14,7 @@ from kdbench.config import DataConfig, parse_study
 from kdbench.data import load_data
 from kdbench.data.readers import read_cifar, read_idx, read_image_folder, read_mnist
 from kdbench.errors import KdbenchError
-from kdbench.validate import check_study
+from kdbench.study.checks import check_study
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 CIFAR100_STUDIES = sorted(STUDIES.glob("cifar100_*.yaml"))

@@ -4,10 +4,12 @@ import math
 import pytest
 from scipy import stats
 
-from kdbench import tracking as tk
+from kdbench.tracking import tags as tk
+from kdbench.tracking.mlflow import MlflowTracker
 from kdbench.cli import main
-from kdbench.compare import compare_frame
-from kdbench.report import delta_ci, find_study_run, leaderboard, mean_ci, runs_frame, write_report
+from kdbench.report.compare import compare_frame
+from kdbench.report.leaderboard import delta_ci, leaderboard, mean_ci, write_report
+from kdbench.report.store import find_study_run, runs_frame
 
 ACC = {"ce": [0.70, 0.72, 0.74], "kd": [0.90, 0.92, 0.94], "dkd": [0.91, 0.92, 0.96], "fitnet": [0.80, 0.81, 0.82]}
 SPACE = {"temperature": {"type": "float", "low": 1.0, "high": 8.0, "log": True},
@@ -17,7 +19,7 @@ SPACE = {"temperature": {"type": "float", "low": 1.0, "high": 8.0, "log": True},
 def log_study(out_dir, name="fake", finished=True, acc=ACC, trials=3):
     """A study as kdbench logs it: parent, teacher, trials (with epochs), confirm runs with metric histories."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tr = tk.Tracker(f"sqlite:///{out_dir / 'mlflow.db'}", name, artifact_dir=out_dir / "artifacts")
+    tr = MlflowTracker(f"sqlite:///{out_dir / 'mlflow.db'}", name, artifact_dir=out_dir / "artifacts")
     params = {"data.dataset": "digits", "data.image_size": 16, "data.splits.train": 0.6, "data.splits.val": 0.2,
               "data.splits.test": 0.2, "data.seed": 0, "data.student_fraction": 0.25, "data.student_label_noise": 0.3,
               "train.epochs": 2, "train.optimizer": "sgd", "train.lr": 0.05, "train.schedule": "cosine",
@@ -148,4 +150,19 @@ def test_report_cli_and_compare(fake, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     assert main(["report", "--experiment", "study_b", "--no-figures", "--report-dir", "env"]) == 0
     assert (tmp_path / "env" / "LEADERBOARD.md").is_file()
-    assert find_study_run(tk.Tracker(uri, "study_b", create=False)).data.tags[tk.STUDY] == "study_b"
+    assert find_study_run(MlflowTracker(uri, "study_b", create=False)).data.tags[tk.STUDY] == "study_b"
+
+
+def test_report_command_loads_neither_torch_nor_timm(tmp_path):
+    """``kdbench report`` with figures imports only what it uses: the tracker, pandas, matplotlib, Optuna's plots."""
+    import subprocess
+    import sys
+
+    log_study(tmp_path / "runs" / "fake")
+    code = (f"from kdbench.cli import main\nimport sys\n"
+            f"assert main(['report', {str(tmp_path / 'runs' / 'fake')!r}, '--report-dir', {str(tmp_path / 'r')!r}]) == 0\n"
+            f"print('LOADED:', *[m for m in ('torch', 'timm') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "LOADED:"
+    assert (tmp_path / "r" / "LEADERBOARD.md").is_file() and (tmp_path / "r" / "accuracy.png").is_file()

@@ -8,10 +8,10 @@ from kdbench.config import parse_study
 from kdbench.errors import KdbenchError
 from kdbench.losses import create_loss
 from kdbench.losses.combine import CombinedLoss
-from kdbench.schedules import temperature_at, temperature_modules
-from kdbench.teacher_outputs import TeacherProvider
-from kdbench.train import Batch, DistillObjective
-from kdbench.validate import check_study
+from kdbench.engine.schedules import temperature_at, temperature_modules
+from kdbench.engine.teacher_outputs import TeacherProvider
+from kdbench.engine.objectives import Batch, DistillObjective
+from kdbench.study.checks import check_study
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])

@@ -9,8 +9,8 @@ from kdbench.data.augment import random_crop_flip
 from kdbench.losses import create_loss, load_card
 from kdbench.losses.base import LossContext
 from kdbench.models import create_model
-from kdbench.teacher_outputs import TeacherProvider
-from kdbench.train import Batch, DistillObjective
+from kdbench.engine.teacher_outputs import TeacherProvider
+from kdbench.engine.objectives import Batch, DistillObjective
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from kdbench.data import load_data
 from kdbench.data.streaming import FileImages, loader
 from kdbench.errors import KdbenchError
 from kdbench.models import create_model
-from kdbench.train import evaluate, fit
+from kdbench.engine.train import evaluate, fit
 
 
 def write_folder(root: Path, classes=("a", "b", "c"), per_class: int = 12) -> Path:

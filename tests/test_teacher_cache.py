@@ -15,9 +15,10 @@ from kdbench.data.augment import EpochViews, random_crop_flip
 from kdbench.errors import KdbenchError
 from kdbench.losses import create_loss, load_card
 from kdbench.models import create_model
-from kdbench.outputs import Outputs
-from kdbench.teacher_outputs import FIXED, OutputStore, TeacherProvider, plan
-from kdbench.train import Batch, CEObjective, DistillObjective, fit
+from kdbench.losses.outputs import Outputs
+from kdbench.engine.teacher_outputs import FIXED, OutputStore, TeacherProvider, plan
+from kdbench.engine.objectives import Batch, CEObjective, DistillObjective
+from kdbench.engine.train import fit
 
 
 @pytest.fixture(scope="module")

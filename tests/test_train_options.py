@@ -4,8 +4,8 @@ import torch
 from kdbench.config import DataConfig, Recipe, parse_study
 from kdbench.data import TensorSet, load_data
 from kdbench.models import create_model
-from kdbench.backend import configure_backend
-from kdbench.train import fit
+from kdbench.engine.device import configure_backend
+from kdbench.engine.train import fit
 
 
 def small():

@@ -93,7 +93,7 @@ def test_two_local_workers_finish_exactly_n_trials(tmp_path, monkeypatch):
 
 
 def _open_storages(barrier, paths, results):
-    from kdbench.workers import make_storage
+    from kdbench.sweep.storage import make_storage
 
     for path in paths:
         barrier.wait()  # every process opens the same fresh file at the same moment
@@ -128,7 +128,7 @@ def _journal(path):
 
 
 def test_local_sqlite_storage_runs_in_wal_mode(tmp_path, monkeypatch):
-    from kdbench import sqlite_wal, workers
+    from kdbench.sweep import sqlite_wal, storage as workers
 
     storage = workers.make_storage(f"sqlite:///{tmp_path / 'wal.db'}", heartbeat=1)
     assert _journal(tmp_path / "wal.db") == "wal"

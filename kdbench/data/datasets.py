@@ -17,7 +17,7 @@ from sklearn.model_selection import train_test_split
 from kdbench.data import readers
 from kdbench.data.readers import RawData
 from kdbench.data.streaming import FileImages, channel_stats
-from kdbench.digests import spec_digest
+from kdbench.config.digests import spec_digest
 from kdbench.errors import KdbenchError
 
 

@@ -8,13 +8,15 @@ connector is needed.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch.nn.functional as F
 from torch import Tensor
 
 from kdbench.errors import KdbenchError
-from kdbench.losses.base import DistillLoss, Outputs, register_loss
+from kdbench.losses._registry import register_loss
+from kdbench.losses.base import DistillLoss, Outputs
+from kdbench.losses.functional import check_index_list, match_spatial, resolve_indices
 
 EPS = 1e-8
 
@@ -24,46 +26,11 @@ def attention(f: Tensor, p: float = 2.0) -> Tensor:
     return F.normalize(f.float().abs().pow(p).mean(dim=1).flatten(1), dim=1, eps=EPS)
 
 
-def match_spatial(fs: Tensor, ft: Tensor) -> tuple[Tensor, Tensor]:
-    """Pool whichever map is larger (per spatial dim) down to the smaller size; unchanged when equal."""
-    if fs.shape[-2:] == ft.shape[-2:]:
-        return fs, ft
-    size = (min(fs.shape[-2], ft.shape[-2]), min(fs.shape[-1], ft.shape[-1]))
-    pool = lambda f: f if tuple(f.shape[-2:]) == size else F.adaptive_avg_pool2d(f, size)  # noqa: E731
-    return pool(fs), pool(ft)
-
-
-def check_index_list(name: str, value, allow_none: bool = False) -> Optional[tuple[int, ...]]:
-    """A non-empty list of ints (negative allowed), or None where allowed; KdbenchError naming ``name``."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = [value]
-    ok = isinstance(value, (list, tuple)) and len(value) > 0
-    if not ok or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
-        raise KdbenchError(f"{name} must be a non-empty list of stage indices (ints), got {value!r}")
-    if len(set(value)) != len(value):
-        raise KdbenchError(f"{name} must not repeat an index, got {value!r}")
-    return tuple(value)
-
-
-def resolve_indices(name: str, what: str, indices: Sequence[int], n_student: int, n_teacher: int) -> list[int]:
-    """Each index must address an entry of both feature lists; returns them non-negative (student numbering)."""
-    for i in indices:
-        if not (-n_student <= i < n_student and -n_teacher <= i < n_teacher):
-            raise ValueError(
-                f"loss {name!r}: {what} index {i} is out of range for {n_student} student and {n_teacher} "
-                "teacher feature maps"
-            )
-    return [i % n_student for i in indices]
-
-
 @register_loss("at")
 class ATLoss(DistillLoss):
-    needs = frozenset({"features"})
     at_equality = "zero"
 
-    def __init__(self, stages: Optional[list[int]] = None, p: float = 2.0):
+    def __init__(self, stages: Optional[list[int]], p: float):
         super().__init__()
         self.stages = check_index_list("stages", stages, allow_none=True)
         # p < 1 would make |F|^p's gradient infinite at the exact zeros of post-ReLU maps

@@ -1,21 +1,20 @@
-"""The loss interface and the registry every distillation loss is found in.
+"""The loss interface: :class:`DistillLoss`, the :class:`LossContext` its ``setup`` gets, the reductions.
 
-A loss is an ``nn.Module`` subclass of :class:`DistillLoss`, registered by name with :func:`register_loss`.
+A loss is an ``nn.Module`` subclass of :class:`DistillLoss`, registered by name with ``register_loss``
+(:mod:`kdbench.losses._registry`), its card stating what it needs and its default parameters.
 All losses take the same typed inputs: two :class:`Outputs` (student, teacher), plus labels, sample indices and
 the epoch when they need them; they return a scalar, or per-sample values with ``reduction="none"``.
 Losses know nothing of Optuna or MLflow.
 """
 from __future__ import annotations
 
-import difflib
-import inspect
 from dataclasses import dataclass, replace
-from typing import Callable, ClassVar, Optional
+from typing import ClassVar, Optional
 
 from torch import Tensor, nn
 
-from kdbench.errors import KdbenchError
-from kdbench.outputs import Outputs
+from kdbench.losses.functional import standardize_logits
+from kdbench.losses.outputs import Outputs
 
 
 @dataclass
@@ -31,11 +30,12 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 class DistillLoss(nn.Module):
-    """Base class: subclasses implement :meth:`per_sample` (or override :meth:`forward` when the loss has no
-    per-sample values) and declare what they need in ``needs``."""
+    """Base class: subclasses implement :meth:`per_sample` (or :meth:`batch_value` when the loss has no
+    per-sample values). What a registered loss needs is its card's ``needs``, set by ``register_loss``."""
 
     name: ClassVar[str] = ""
-    #: inputs the loss reads: any of logits, features, embedding, labels, indices, views
+    #: inputs the loss reads: any of logits, features, embedding, labels, indices, views. Registered losses get
+    #: their card's; this default serves unregistered subclasses (``module:attr`` losses)
     needs: ClassVar[frozenset[str]] = frozenset({"logits"})
     #: True when the loss has per-sample values (reduction="none" and per-sample weighting work)
     has_per_sample: ClassVar[bool] = True
@@ -109,94 +109,4 @@ def _batch_size(out: Outputs) -> int:
             return int(t.shape[0])
     raise ValueError("outputs hold no tensor")
 
-
-_REGISTRY: dict[str, type[DistillLoss]] = {}
-
-
-def register_loss(name: str) -> Callable[[type[DistillLoss]], type[DistillLoss]]:
-    """Class decorator: ``@register_loss("kd")`` makes the class creatable as ``create_loss("kd")``."""
-
-    def decorate(cls: type[DistillLoss]) -> type[DistillLoss]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"loss {name!r} is registered twice ({_REGISTRY[name].__module__}, {cls.__module__})")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
-
-
-def list_losses() -> list[str]:
-    """The registry names, sorted."""
-    return sorted(_REGISTRY)
-
-
-def unknown_loss_message(name: str) -> str:
-    close = difflib.get_close_matches(name, list_losses(), n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else f"; known: {', '.join(list_losses())}"
-    return f"unknown loss {name!r}{hint}"
-
-
-def get_loss_class(name: str) -> type[DistillLoss]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KdbenchError(unknown_loss_message(name)) from None
-
-
-def loss_parameters(name: str) -> dict[str, object]:
-    """The loss's own constructor parameters and their defaults (``inspect.Parameter.empty`` when required).
-    Every loss that reads logits also takes ``standardize`` (default False)."""
-    cls = get_loss_class(name)
-    sig = inspect.signature(cls.__init__)
-    params = {
-        p.name: p.default
-        for p in list(sig.parameters.values())[1:]
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
-    if "logits" in cls.needs:
-        params.setdefault("standardize", False)
-    return params
-
-
-def create_loss(name: str, **params) -> DistillLoss:
-    """Build a registered loss by name; unknown names and unknown parameters give one clear error."""
-    cls = get_loss_class(name)
-    known = loss_parameters(name)
-    bad = sorted(set(params) - set(known))
-    if bad:
-        raise KdbenchError(f"loss {name!r} has no parameter {', '.join(map(repr, bad))}; it takes {sorted(known)}")
-    standardize = params.pop("standardize", False) if "standardize" not in inspect.signature(cls.__init__).parameters else False
-    loss = cls(**params)
-    if standardize:
-        loss.standardize = bool(standardize)
-    return loss
-
-
-def standardize_logits(z: Tensor, eps: float = 1e-7) -> Tensor:
-    """Per-row z-score with the unbiased std, gradient flowing through both (logit standardization, §1.12)."""
-    z = z.float()
-    return (z - z.mean(dim=-1, keepdim=True)) / (z.std(dim=-1, keepdim=True) + eps)
-
-
-def kl_rows(p_log_target: Tensor, p_log_input: Tensor) -> Tensor:
-    """Per-row KL(target || input) from log-probabilities: finite even where probabilities underflow to 0."""
-    return (p_log_target.exp() * (p_log_target - p_log_input)).sum(dim=-1)
-
-
-def check_temperature(temperature: float) -> float:
-    if not temperature > 0:
-        raise KdbenchError(f"temperature must be > 0, got {temperature}")
-    return float(temperature)
-
-
-__all__ = [
-    "Outputs",
-    "DistillLoss",
-    "register_loss",
-    "create_loss",
-    "list_losses",
-    "get_loss_class",
-    "loss_parameters",
-    "kl_rows",
-]
+__all__ = ["DistillLoss", "LossContext", "Outputs", "REDUCTIONS"]

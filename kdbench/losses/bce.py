@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdbench.errors import KdbenchError
-from kdbench.losses.base import DistillLoss, check_temperature, register_loss
-from kdbench.losses.kd import first_order_only, scaled
+from kdbench.losses._registry import register_loss
+from kdbench.losses.base import DistillLoss
+from kdbench.losses.functional import check_temperature, first_order_only, scaled
 
 
 _CHUNK = 120  # factors per product in sum_log_sigmoid_abs
@@ -61,7 +62,7 @@ class BCELoss(DistillLoss):
     # the gradient (σ(z_s/T) − π_t)/(T·BC) vanishes at equality; the value there is the mean binary entropy of π_t
     at_equality = "stationary"
 
-    def __init__(self, temperature: float = 1.0, t_squared: bool = False):
+    def __init__(self, temperature: float, t_squared: bool):
         super().__init__()
         self.temperature = check_temperature(temperature)
         if not isinstance(t_squared, bool):

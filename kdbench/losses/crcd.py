@@ -8,14 +8,12 @@ The paper's gradient relations are not implemented (card notes).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdbench.losses.base import register_loss
-from kdbench.losses.crd import MemoryContrastLoss
+from kdbench.losses._registry import register_loss
+from kdbench.losses._shared import MemoryContrastLoss
 
 OFFSET = 1e-6  # added to every relation vector, as the reference: keeps the i = j positive (0 vector) finite
 NORM_EPS = 1e-12
@@ -37,10 +35,6 @@ def relation_scores(v: Tensor, memory: Tensor, idx: Tensor, cidx: Tensor, temper
 
 @register_loss("crcd")
 class CRCDLoss(MemoryContrastLoss):
-    def __init__(self, feat_dim: int = 128, nce_k: int = 500, nce_t: float = 0.05, nce_m: float = 0.5,
-                 seed: Optional[int] = None):
-        super().__init__(feat_dim, nce_k, nce_t, nce_m, seed)
-
     def scores(self, v_s, v_t, idx, cidx):
         """Student relations to teacher-memory anchors, and the mirror: teacher relations to student-memory anchors."""
         return (relation_scores(v_s, self.memory_t, idx, cidx, self.nce_t),

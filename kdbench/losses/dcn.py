@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from kdbench.losses.base import DistillLoss, LossContext, Outputs, register_loss
+from kdbench.losses._registry import register_loss
+from kdbench.losses.base import DistillLoss, LossContext, Outputs
 
 EPS = 1e-12  # keeps zero embeddings / centres finite (0/0 otherwise)
 
@@ -30,7 +31,6 @@ def _labels(labels: Tensor) -> Tensor:
 
 @register_loss("dcn")
 class DCNLoss(DistillLoss):
-    needs = frozenset({"embedding", "labels"})
     has_per_sample = True
     at_equality = "none"  # the student is compared with trainable centres, not with the teacher (card notes)
 

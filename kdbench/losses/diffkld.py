@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdbench.losses.base import DistillLoss, check_temperature, kl_rows, register_loss
-from kdbench.losses.kd import LOG2E, first_order_only, scaled
+from kdbench.losses._registry import register_loss
+from kdbench.losses.base import DistillLoss
+from kdbench.losses.functional import LN2, LOG2E, check_temperature, first_order_only, kl_rows, scaled
 
 # Row ranges (max − min of z/T) for which the products are exact enough in float32 / float64; see _fast_dtype
 _RANGE_F32, _RANGE_F64 = (2.0, 60.0), 600.0
-LN2 = 0.6931471805599453
 
 
 def _fast_dtype(a: Tensor, b: Tensor) -> Optional[torch.dtype]:
@@ -93,7 +93,7 @@ class _DiffKLDRows(torch.autograd.Function):
 
 @register_loss("diffkld")
 class DiffKLDLoss(DistillLoss):
-    def __init__(self, temperature: float = 1.0):
+    def __init__(self, temperature: float):
         super().__init__()
         self.temperature = check_temperature(temperature)
 

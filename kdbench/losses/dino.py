@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdbench.errors import KdbenchError
-from kdbench.losses.base import DistillLoss, LossContext, Outputs, register_loss
+from kdbench.losses._registry import register_loss
+from kdbench.losses.base import DistillLoss, LossContext, Outputs
 
 
 def view_pairs(n_teacher: int, n_student: int) -> list[tuple[int, int]]:
@@ -31,13 +32,12 @@ def _positive(name: str, value) -> float:
 
 @register_loss("dino")
 class DINOLoss(DistillLoss):
-    needs = frozenset({"embedding", "views"})
     # a random head sits between the two, and even through an identity head the value is H(q) > 0 (a cross
     # entropy); see the card notes
     at_equality = "none"
 
-    def __init__(self, student_temp: float = 0.1, teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04,
-                 warmup_teacher_temp_epochs: int = 0, center_momentum: float = 0.9):
+    def __init__(self, student_temp: float, teacher_temp: float, warmup_teacher_temp: float,
+                 warmup_teacher_temp_epochs: int, center_momentum: float):
         super().__init__()
         self.student_temp = _positive("student_temp", student_temp)
         self.teacher_temp = _positive("teacher_temp", teacher_temp)

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdbench.errors import KdbenchError
-from kdbench.losses.base import DistillLoss, Outputs, check_temperature, register_loss
-from kdbench.losses.kd import first_order_only, scaled
+from kdbench.losses._registry import register_loss
+from kdbench.losses.base import DistillLoss, Outputs
+from kdbench.losses.functional import check_temperature, first_order_only, scaled
 
 EPS = 1e-8
 
@@ -99,7 +100,7 @@ def _non_negative(name: str, value) -> float:
 class DISTLoss(DistillLoss):
     has_per_sample = False
 
-    def __init__(self, temperature: float = 4.0, beta: float = 1.0, gamma: float = 1.0):
+    def __init__(self, temperature: float, beta: float, gamma: float):
         super().__init__()
         self.temperature = check_temperature(temperature)
         self.beta = _non_negative("beta", beta)

@@ -12,33 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdbench.errors import KdbenchError
-from kdbench.losses.base import DistillLoss, check_temperature, register_loss
-from kdbench.losses.kd import LOG2E, first_order_only
-
-LN2 = math.log(2.0)
-
-
-def hard_labels(labels: Tensor) -> Tensor:
-    """Class indices; 2-D (mixup / soft) labels become their argmax."""
-    return (labels.argmax(dim=1) if labels.dim() == 2 else labels).long()
-
-
-def check_classes(z: Tensor) -> None:
-    if z.shape[1] < 2:
-        raise ValueError(f"target/non-target split needs at least 2 classes, got {z.shape[1]}")
-
-
-def non_target_exp2(z: Tensor, y1: Tensor, c2: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The non-target softmax of z/T, in base 2, without dropping a column: (sh, e, s) with
-    sh = (z − m)·log2(e)/T, m the row's non-target max, e = 2^sh with the target entry set to 0, s = Σ_c e.
-    So p̂_c = e_c/s (c ≠ y), log p̂_c = ln 2·(sh_c − log2 s), and the non-target lse of z/T is m/T + ln s.
-    Taking m over the non-target logits only keeps p̂ exact even when the target is ≫ 1000 above the rest (as
-    dropping the column did, unlike the reference's −1000). ``y1`` is (B, 1) labels, c2 = log2(e)/T.
-    exp2 rather than exp: ~3× faster on CPU."""
-    m = z.scatter(1, y1, float("-inf")).amax(dim=1, keepdim=True)
-    sh = (z - m).mul_(c2)  # exactly 0 at the max (not z·c2 − m·c2)
-    e = torch.exp2(sh).scatter_(1, y1, 0.0)  # the target's 2^sh may overflow to inf: it is overwritten
-    return sh, e, e.sum(dim=1, keepdim=True)
+from kdbench.losses._registry import register_loss
+from kdbench.losses.base import DistillLoss
+from kdbench.losses.functional import (LN2, LOG2E, check_classes, check_temperature, first_order_only, hard_labels,
+                                       non_target_exp2)
 
 
 class _DKDRows(torch.autograd.Function):
@@ -87,9 +64,7 @@ def _check_weight(name: str, value: float) -> float:
 
 @register_loss("dkd")
 class DKDLoss(DistillLoss):
-    needs = frozenset({"logits", "labels"})
-
-    def __init__(self, temperature: float = 4.0, alpha: float = 1.0, beta: float = 8.0, warmup: float = 20.0):
+    def __init__(self, temperature: float, alpha: float, beta: float, warmup: float):
         super().__init__()
         self.temperature = check_temperature(temperature)
         self.alpha = _check_weight("alpha", alpha)  # TCKD weight, not the study-level CE/loss mix

@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kdbench.losses.base import DistillLoss, Outputs, register_loss
+from kdbench.losses._registry import register_loss
+from kdbench.losses.base import DistillLoss, Outputs
 
 NORM_EPS = 1e-12
 DIST_EPS = 1e-12  # clamp on the squared distance: D ≥ 1e-6
@@ -33,7 +34,6 @@ def unit_distance_matrix(x: Tensor) -> Tensor:
 
 @register_loss("eu_mse")
 class EUMSELoss(DistillLoss):
-    needs = frozenset({"logits"})
     has_per_sample = False
     at_equality = "zero"
 

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from kdbench.errors import KdbenchError
-from kdbench.losses.at import resolve_indices
-from kdbench.losses.base import DistillLoss, Outputs, register_loss
-from kdbench.losses.cosine import require_setup
+from kdbench.losses._registry import register_loss
+from kdbench.losses.base import DistillLoss, Outputs
+from kdbench.losses.functional import require_setup, resolve_indices
 
 
 def conv_reg(s_shape: torch.Size, t_shape: torch.Size, device=None) -> nn.Sequential:
@@ -37,12 +37,11 @@ def conv_reg(s_shape: torch.Size, t_shape: torch.Size, device=None) -> nn.Sequen
 
 @register_loss("fitnet")
 class FitNetLoss(DistillLoss):
-    needs = frozenset({"features"})
     # reg is a random conv + BN + ReLU even for equal shapes, so identical student/teacher maps give neither a
     # zero value nor a zero gradient; L = 0 exactly when reg(F_s) = F_t (card notes)
     at_equality = "none"
 
-    def __init__(self, hint_layer: int = 2):
+    def __init__(self, hint_layer: int):
         super().__init__()
         if isinstance(hint_layer, bool) or not isinstance(hint_layer, int):
             raise KdbenchError(f"hint_layer must be an int index into the feature list, got {hint_layer!r}")

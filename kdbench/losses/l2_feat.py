@@ -6,8 +6,8 @@ channel counts it is twice the ``cosine`` loss on the spatially averaged maps.
 """
 from __future__ import annotations
 
-from kdbench.losses.base import register_loss
-from kdbench.losses.l1_feat import NormalizedFeatureLoss
+from kdbench.losses._registry import register_loss
+from kdbench.losses._shared import NormalizedFeatureLoss
 
 
 @register_loss("l2_feat")

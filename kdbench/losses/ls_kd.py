@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdbench.losses.base import DistillLoss, check_temperature, register_loss
-from kdbench.losses.kd import fast_exp, first_order_only
+from kdbench.losses._registry import register_loss
+from kdbench.losses.base import DistillLoss
+from kdbench.losses.functional import check_temperature, fast_exp, first_order_only
 
 EPS = 1e-7  # as standardize_logits
 
@@ -62,7 +63,7 @@ class _LSKDRows(torch.autograd.Function):
 
 @register_loss("ls_kd")
 class LSKDLoss(DistillLoss):
-    def __init__(self, temperature: float = 2.0):
+    def __init__(self, temperature: float):
         super().__init__()
         self.temperature = check_temperature(temperature)
 

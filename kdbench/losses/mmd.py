@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from kdbench.errors import KdbenchError
-from kdbench.losses.base import DistillLoss, Outputs, register_loss
-from kdbench.losses.cosine import embeddings, setup_embedding_projector, unit
+from kdbench.losses._registry import register_loss
+from kdbench.losses.base import DistillLoss, Outputs
+from kdbench.losses.functional import embeddings, setup_embedding_projector, unit
 
 #: floor on σ²: all rows identical (or B = 1 with x = y) give D = 0 and would divide 0 by 0
 SIGMA2_MIN = 1e-8
@@ -40,12 +41,11 @@ def mmd2(x: Tensor, y: Tensor, factors: Sequence[float]) -> Tensor:
 
 @register_loss("mmd")
 class MMDLoss(DistillLoss):
-    needs = frozenset({"embedding"})
     has_per_sample = False
     # holds when dims agree (identity projector): x = y gives K_xx = K_yy = K_xy
     at_equality = "zero"
 
-    def __init__(self, factors: Sequence[float] = (1, 2, 4, 8, 16)):
+    def __init__(self, factors: Sequence[float]):
         super().__init__()
         ok = isinstance(factors, (list, tuple)) and len(factors) > 0
         if not ok or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not (math.isfinite(f) and f > 0)

@@ -1,7 +1,8 @@
 """MSE between logits (Kim et al., IJCAI 2021): mean over classes and batch, i.e. (1/BC) Σ (z_s − z_t)²."""
 from __future__ import annotations
 
-from kdbench.losses.base import DistillLoss, register_loss
+from kdbench.losses._registry import register_loss
+from kdbench.losses.base import DistillLoss
 
 
 @register_loss("mse_logits")

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdbench.errors import KdbenchError
-from kdbench.losses.base import DistillLoss, check_temperature, register_loss
-from kdbench.losses.dkd import LN2, check_classes, hard_labels, non_target_exp2
-from kdbench.losses.kd import LOG2E, fast_exp, first_order_only
+from kdbench.losses._registry import register_loss
+from kdbench.losses.base import DistillLoss
+from kdbench.losses.functional import (LN2, LOG2E, check_classes, check_temperature, fast_exp, first_order_only,
+                                       hard_labels, non_target_exp2)
 
 
 class _NKDRows(torch.autograd.Function):
@@ -53,12 +54,13 @@ class _NKDRows(torch.autograd.Function):
 
 @register_loss("nkd")
 class NKDLoss(DistillLoss):
-    needs = frozenset({"logits", "labels"})
     # L_non is stationary at equality but L_t = −p^t_y log p^s_y is not: its gradient −p^t_y(e_y − p^s) keeps
     # pushing the target logit up (a CE weighted by the teacher's confidence); see the card notes
     at_equality = "none"
 
-    def __init__(self, temperature: float = 1.0, gamma: float = 1.5):
+    # defaults: the card's (create_loss fills them; before the card was the one statement, a bare NKDLoss() had
+    # T=1, γ=1.5, which no study used)
+    def __init__(self, temperature: float, gamma: float):
         super().__init__()
         self.temperature = check_temperature(temperature)
         if not (math.isfinite(gamma) and gamma >= 0):

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdbench.errors import KdbenchError
-from kdbench.losses.base import DistillLoss, LossContext, Outputs, register_loss
+from kdbench.losses._registry import register_loss
+from kdbench.losses.base import DistillLoss, LossContext, Outputs
 
 MAX_MID_CHANNELS = 512  # the reference's cap on the ABF width
 POOL_SIZES = (4, 2, 1)
@@ -75,12 +76,11 @@ class ABF(nn.Module):
 
 @register_loss("reviewkd")
 class ReviewKDLoss(DistillLoss):
-    needs = frozenset({"features", "embedding"})
     # the ABFs sit between the student and the teacher: identical outputs do not make the fused maps equal
     # the teacher's (HCL itself is 0 at equality of its inputs); see the card notes
     at_equality = "none"
 
-    def __init__(self, warmup: float = 20.0):
+    def __init__(self, warmup: float):
         super().__init__()
         if not (isinstance(warmup, (int, float)) and math.isfinite(warmup) and warmup >= 0):
             raise KdbenchError(f"warmup must be a finite number of epochs >= 0, got {warmup!r}")

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdbench.errors import KdbenchError
-from kdbench.losses.base import DistillLoss, Outputs, register_loss
+from kdbench.losses._registry import register_loss
+from kdbench.losses.base import DistillLoss, Outputs
 
 EPS = 1e-12  # clamp on squared distances before the square root, as in the references
 
@@ -50,11 +51,10 @@ def angle_relation(diff: Tensor) -> Tensor:
 
 @register_loss("rkd")
 class RKDLoss(DistillLoss):
-    needs = frozenset({"embedding"})
     has_per_sample = False
     at_equality = "zero"
 
-    def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0):
+    def __init__(self, distance_weight: float, angle_weight: float):
         super().__init__()
         self.distance_weight = _weight("distance_weight", distance_weight)
         self.angle_weight = _weight("angle_weight", angle_weight)

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdbench.losses.base import DistillLoss, check_temperature, register_loss
-from kdbench.losses.kd import first_order_only, scaled
+from kdbench.losses._registry import register_loss
+from kdbench.losses.base import DistillLoss
+from kdbench.losses.functional import check_temperature, first_order_only, scaled
 
 
 class _SymKLRows(torch.autograd.Function):
@@ -43,7 +44,7 @@ class _SymKLRows(torch.autograd.Function):
 
 @register_loss("skld")
 class SymmetricKLLoss(DistillLoss):
-    def __init__(self, temperature: float = 1.0):
+    def __init__(self, temperature: float):
         super().__init__()
         self.temperature = check_temperature(temperature)
 

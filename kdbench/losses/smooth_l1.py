@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from kdbench.errors import KdbenchError
-from kdbench.losses.base import DistillLoss, register_loss
+from kdbench.losses._registry import register_loss
+from kdbench.losses.base import DistillLoss
 
 
 @register_loss("smooth_l1")
 class SmoothL1Loss(DistillLoss):
-    def __init__(self, beta: float = 1.0):
+    def __init__(self, beta: float):
         super().__init__()
         # β = 0 is the plain L1 limit, which PyTorch's implementation handles without dividing by zero
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from kdbench.losses.base import DistillLoss, check_temperature, register_loss
+from kdbench.losses._registry import register_loss
+from kdbench.losses.base import DistillLoss
+from kdbench.losses.functional import check_temperature
 
 
 @register_loss("soft_ce")
@@ -14,7 +16,9 @@ class SoftCELoss(DistillLoss):
     # with student_softening (the card default) the gradient (p_s − q)/τ vanishes at equality; the value is H(q)
     at_equality = "stationary"
 
-    def __init__(self, temperature: float = 3.0, student_softening: bool = False):
+    # defaults: the card's (create_loss fills them; a bare SoftCELoss() once had τ=3 without softening, which no
+    # study used)
+    def __init__(self, temperature: float, student_softening: bool):
         super().__init__()
         self.temperature = check_temperature(temperature)
         self.student_softening = bool(student_softening)

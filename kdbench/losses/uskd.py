@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdbench.errors import KdbenchError
-from kdbench.losses.base import DistillLoss, LossContext, Outputs, register_loss
+from kdbench.losses._registry import register_loss
+from kdbench.losses.base import DistillLoss, LossContext, Outputs
 
 SMOOTHING = 0.1  # the weak head's label smoothing: u = 0.9·onehot + 0.1/C
 RANK_EPS = 1e-6
@@ -45,11 +46,10 @@ def zipf_ranks(score: Tensor) -> Tensor:
 
 @register_loss("uskd")
 class USKDLoss(DistillLoss):
-    needs = frozenset({"logits", "features", "labels"})
     # self-KD: the teacher is not read, so identical student/teacher outputs mean nothing; see the card notes
     at_equality = "none"
 
-    def __init__(self, alpha: float = 1.0, beta: float = 0.1, mu: float = 0.005):
+    def __init__(self, alpha: float, beta: float, mu: float):
         super().__init__()
         for name, value in (("alpha", alpha), ("beta", beta), ("mu", mu)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (

@@ -1,4 +1,6 @@
-"""Models come from timm's registry: any name ``timm.create_model`` knows works as teacher or student."""
+"""Stage 3, models: they come from timm's registry, so any name ``timm.create_model`` knows works as teacher or
+student. Importing this package registers the ``cifar_*`` families (:mod:`.cifar`) in timm's registry, after which
+``timm.create_model("cifar_resnet8x4")`` works like any timm name."""
 from __future__ import annotations
 
 import difflib
@@ -9,7 +11,6 @@ import torch
 
 from kdbench.errors import KdbenchError
 from kdbench.models import cifar  # noqa: F401  registers the cifar_* models in timm's registry
-from kdbench.outputs import Outputs
 
 
 @lru_cache(maxsize=1)
@@ -35,17 +36,3 @@ def create_model(name: str, num_classes: int, in_chans: int, kwargs: dict | None
 
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def forward_outputs(model: torch.nn.Module, x: torch.Tensor, features: bool = False,
-                    embedding: bool = False) -> Outputs:
-    """Logits, and when asked the stage feature maps (``forward_intermediates``, every stage, shallow to deep)
-    and the pooled pre-logits embedding, from one forward pass."""
-    if not (features or embedding):
-        return Outputs(logits=model(x))
-    final, feats = model.forward_intermediates(x)
-    return Outputs(
-        logits=model.forward_head(final),
-        features=list(feats) if features else None,
-        embedding=model.forward_head(final, pre_logits=True) if embedding else None,
-    )

@@ -19,10 +19,10 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from kdbench.space import SearchParam  # noqa: E402
-from kdbench.tracking import safe_key  # noqa: E402
+from kdbench.config.space import SearchParam  # noqa: E402
+from kdbench.tracking.tags import safe_key  # noqa: E402
 
-BASELINE = "ce"
+from kdbench.tracking.tags import BASELINE  # noqa: E402
 
 
 def slug(text: str) -> str:
@@ -184,8 +184,8 @@ def _curves(tracker, confirm: pd.DataFrame) -> dict[str, pd.DataFrame]:
     for r in confirm.itertuples():
         rows = {}
         for metric in ("val_acc", "test_acc"):
-            for m in tracker.client.get_metric_history(r.run_id, metric):
-                rows.setdefault(m.step, {"epoch": m.step})[metric] = m.value
+            for step, value in tracker.metric_history(r.run_id, metric):
+                rows.setdefault(step, {"epoch": step})[metric] = value
         curves.setdefault(r.loss, []).extend(rows.values())
     return {k: pd.DataFrame(v) for k, v in curves.items()}
 

@@ -9,8 +9,8 @@ before it ends the run, ``find`` before it queries the store, and an exit hook a
 run end, which joins its thread for up to a second, and its ten worker threads write one run's batches
 concurrently.)
 
-Tags (all prefixed ``kdbench.``) link runs to their study, role, loss entry, seed and Optuna trial, so reports can be
-rebuilt from MLflow alone.
+Tags (:mod:`kdbench.tracking.tags`) link runs to their study, role, loss entry, seed and Optuna trial, so reports can
+be rebuilt from MLflow alone. This is the only module of kdbench that imports mlflow.
 """
 from __future__ import annotations
 
@@ -18,36 +18,21 @@ import atexit
 import json
 import logging
 import queue
-import re
 import threading
 import time
 import weakref
 from pathlib import Path
 from typing import Any, Optional
 
-from kdbench.errors import KdbenchError
-from kdbench.sqlite_wal import set_wal, wal_file
+from kdbench.errors import KdbenchError, mask_secrets
+from kdbench.tracking.base import Tracker
+from kdbench.tracking.tags import FIND_KEYS, PARENT, ROLE
+from kdbench.sweep.sqlite_wal import set_wal, wal_file
 
-ROLE, STUDY, LOSS, LOSS_NAME, SEED = "kdbench.role", "kdbench.study", "kdbench.loss", "kdbench.loss_name", "kdbench.seed"
-STATE, CONFIG_HASH, OPTUNA_STUDY, TRIAL = "kdbench.trial_state", "kdbench.config_hash", "optuna.study_name", "optuna.trial_number"
-STUDENT = "kdbench.student"
-PARENT = "mlflow.parentRunId"
 
-_log = logging.getLogger("kdbench.tracking")
+_log = logging.getLogger(__name__)
 _WRITERS: "weakref.WeakSet[_Writer]" = weakref.WeakSet()  # waited for at interpreter exit
 EXIT_WAIT_S = 120.0  # the longest the exit hook waits for queued batches
-
-_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]+):(?P<pw>[^@/\s]+)@")
-
-
-def mask_secrets(text: str) -> str:
-    """Hide the password of any ``scheme://user:password@host`` URL in ``text``."""
-    return _PASSWORD.sub(lambda m: f"{m.group('scheme')}:***@", str(text))
-
-
-def safe_key(name: str) -> str:
-    """An MLflow param/metric name for ``name`` (MLflow allows alphanumerics and ``_ - . : /`` and space)."""
-    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name)
 
 
 def quiet_mlflow_logs() -> None:
@@ -154,8 +139,8 @@ def _flush_at_exit() -> None:
 atexit.register(_flush_at_exit)
 
 
-class Tracker:
-    """Thin wrapper over ``MlflowClient`` bound to one experiment."""
+class MlflowTracker(Tracker):
+    """:class:`~kdbench.tracking.base.Tracker` over ``MlflowClient``, bound to one experiment."""
 
     def __init__(self, uri: str, experiment: str, artifact_dir: Optional[Path] = None, create: bool = True):
         quiet_mlflow_logs()
@@ -252,8 +237,7 @@ class Tracker:
         ``kdbench.role``); newest first. Queued metric batches are written first (their failures are left to
         ``flush``/``end_run`` of their runs)."""
         self._writer.wait(collect=False)
-        keys = {"role": ROLE, "study": STUDY, "loss": LOSS, "seed": SEED, "parent": PARENT, "student": STUDENT}
-        clauses = [f"tags.`{keys.get(k, k)}` = '{v}'" for k, v in tags.items()]
+        clauses = [f"tags.`{FIND_KEYS.get(k, k)}` = '{v}'" for k, v in tags.items()]
         runs, token = [], None
         while True:
             page = self.client.search_runs([self.experiment_id], " and ".join(clauses), max_results=1000,
@@ -262,3 +246,36 @@ class Tracker:
             token = page.token
             if not token:
                 return runs
+
+    def get_run(self, run_id: str):
+        return self.client.get_run(run_id)
+
+    def metric_history(self, run_id: str, metric: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(run_id, metric)]
+
+    def log_model(self, run_id: str, model: Any, input_example: Any, pip_requirements: list[str]) -> None:
+        """``mlflow.pytorch.log_model`` (MLflow's traced pt2 format: no pickle) into run ``run_id``."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=run_id):
+            mlflow.pytorch.log_model(model, name="student", input_example=input_example,
+                                     pip_requirements=pip_requirements)
+
+
+def newest_study_experiment(uri: str) -> str:
+    """The name of the experiment at ``uri`` holding the newest kdbench study run."""
+    quiet_mlflow_logs()
+    from mlflow import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        exps = client.search_experiments()
+        found = client.search_runs([e.experiment_id for e in exps], f"tags.`{ROLE}` = 'study'", max_results=1,
+                                   order_by=["attributes.start_time DESC"]) if exps else []
+    except Exception as e:
+        raise KdbenchError(f"tracking: cannot open MLflow store {mask_secrets(uri)}: "
+                           f"{mask_secrets(str(e)).splitlines()[0]}") from None
+    if not found:
+        raise KdbenchError(f"no kdbench study run at {mask_secrets(uri)}")
+    return client.get_experiment(found[0].info.experiment_id).name

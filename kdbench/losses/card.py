@@ -1,12 +1,15 @@
-"""Loss cards: one YAML file per registry entry under ``registry/losses/`` (paper, needs, defaults, search space).
+"""Loss cards: one YAML file per registry entry in ``kdbench/losses/cards/`` (package data, so a non-editable
+install has them): paper, needs, default parameters, search space.
 
-A card's ``defaults`` are the loss's own parameters as the reference implementation sets them; ``alpha`` is the
-study-level mix (total = (1 − alpha)·CE + alpha·weight·loss) and ``weight`` a fixed multiplier on the loss.
-``search`` may name the loss's own parameters and ``alpha``/``weight``.
+A card is the one statement of what its loss ``needs`` (registration copies it onto the class) and of its default
+parameters (``create_loss`` fills what a call leaves out from ``defaults``, the reference implementation's values).
+``alpha`` is the study-level mix (total = (1 − alpha)·CE + alpha·weight·loss) and ``weight`` a fixed multiplier on
+the loss. ``search`` may name the loss's own parameters and ``alpha``/``weight``.
+
+Imports neither torch nor timm: listing and reading cards is cheap.
 """
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -14,12 +17,13 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import Field, ValidationError
 
+from kdbench.config.space import SearchParam, StrictModel
 from kdbench.errors import KdbenchError
-from kdbench.space import SearchParam, StrictModel
 
-#: study-level knobs every entry has besides its own parameters: the CE/KD mix, a multiplier on the loss, and
-#: the per-sample weighting (kdbench.losses.weighting), and the temperature schedule (kdbench.schedules). A loss's own parameter with one of these names (DKD's and
-#: USKD's ``alpha``) is addressed as ``<loss>.<param>`` in studies and search spaces; any own parameter may be.
+#: study-level knobs every entry has besides its own parameters: the CE/KD mix, a multiplier on the loss, the
+#: per-sample weighting (kdbench.losses.weighting) and the temperature schedule (kdbench.engine.schedules). A loss's
+#: own parameter with one of these names (DKD's and USKD's ``alpha``) is addressed as ``<loss>.<param>`` in studies
+#: and search spaces; any own parameter may be.
 MIX_PARAMS = ("alpha", "weight", "weighting", "threshold", "ramp_start", "ramp_epochs",
               "t_schedule", "t_start", "t_end", "t_steps")
 MIX_DEFAULTS = {"weighting": "none", "threshold": 0.95, "ramp_start": 0.0, "ramp_epochs": 0.0,
@@ -29,7 +33,12 @@ MIX_DEFAULTS = {"weighting": "none", "threshold": 0.95, "ramp_start": 0.0, "ramp
 def knob_name(loss: str, param: str) -> str:
     """The study-level name of a loss's own parameter: plain, unless it collides with a study-level knob."""
     return f"{loss}.{param}" if param in MIX_PARAMS else param
+
+
 NEEDS = ("logits", "features", "embedding", "labels", "indices", "views")
+FAMILIES = ("logit", "feature", "embedding", "relation", "self")
+#: the cards, next to the losses (package data: see [tool.setuptools.package-data] in pyproject.toml)
+CARDS_DIR = Path(__file__).resolve().parent / "cards"
 
 
 class Paper(StrictModel):
@@ -42,7 +51,7 @@ class Paper(StrictModel):
 
 class LossCard(StrictModel):
     name: str
-    family: Literal["logit", "feature", "embedding", "relation", "self"]
+    family: Literal[FAMILIES]
     summary: str
     paper: Optional[Paper] = None
     reference: str
@@ -62,18 +71,11 @@ class LossCard(StrictModel):
         return {**own, **MIX_DEFAULTS, "alpha": self.alpha, "weight": self.weight}
 
 
-def registry_dir() -> Path:
-    env = os.environ.get("KDBENCH_REGISTRY")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "registry" / "losses"
-
-
 @lru_cache(maxsize=None)
 def _load(path: str) -> LossCard:
     p = Path(path)
     try:
-        return LossCard.model_validate(yaml.safe_load(p.read_text()))
+        return LossCard.model_validate(yaml.safe_load(p.read_text(encoding="utf-8")))
     except (ValidationError, yaml.YAMLError) as e:
         first = e.errors()[0] if isinstance(e, ValidationError) else {"loc": (), "msg": str(e)}
         loc = ".".join(map(str, first["loc"]))
@@ -81,7 +83,7 @@ def _load(path: str) -> LossCard:
 
 
 def card_path(name: str) -> Path:
-    return registry_dir() / f"{name}.yaml"
+    return CARDS_DIR / f"{name}.yaml"
 
 
 def load_card(name: str) -> LossCard:
@@ -95,5 +97,5 @@ def load_card(name: str) -> LossCard:
 
 
 def card_names() -> list[str]:
-    d = registry_dir()
-    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+    """The names of every card, sorted (one per registered loss)."""
+    return sorted(p.stem for p in CARDS_DIR.glob("*.yaml"))

@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from kdbench import tracking as tk
-from kdbench.report import BASELINE, _pct, boards_by_student, find_study_run, open_study_store, runs_frame
+from kdbench.report.leaderboard import _pct, boards_by_student
+from kdbench.report.store import find_study_run, open_study_store, runs_frame
+from kdbench.tracking import tags as tk
+from kdbench.tracking.tags import BASELINE
 
 
 def study_boards(source: str) -> list[tuple[str, str, pd.DataFrame]]:
@@ -20,7 +22,7 @@ def study_boards(source: str) -> list[tuple[str, str, pd.DataFrame]]:
         column = f"{name} · {student}" if student else name
         p = parent.data.params
         desc = (f"`{column}`: {p.get('data.dataset')} {p.get('data.image_size')}px, "
-                f"{tags.get('kdbench.teachers')} → {student or tags.get('kdbench.students')}, "
+                f"{tags.get(tk.TEACHERS)} → {student or tags.get(tk.STUDENTS)}, "
                 f"{p.get('train.epochs')} epochs, confirm seeds {p.get('confirm.seeds')}, select "
                 f"{p.get('sweep.select')}; MLflow `{tracker.experiment}` run `{parent.info.run_id}` "
                 f"({parent.info.status})")

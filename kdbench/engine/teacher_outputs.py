@@ -22,12 +22,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kdbench.backend import autocast, compile_forwards
-from kdbench.checkpoints import atomic_write
+from kdbench.engine.device import autocast, compile_forwards
+from kdbench.engine.checkpoints import atomic_write
 from kdbench.data.augment import EpochViews
-from kdbench.digests import file_digest, spec_digest
-from kdbench.models import forward_outputs
-from kdbench.outputs import Outputs
+from kdbench.config.digests import file_digest, spec_digest
+from kdbench.engine.taps import forward_outputs
+from kdbench.losses.outputs import Outputs
 
 FIXED = -1  # the slot of inputs that are the same in every epoch
 GIB = 1024 ** 3
@@ -189,7 +189,7 @@ class TeacherProvider:
         self.use_store(x, needs, batch_size=batch_size).get(0)
 
     def __call__(self, batch, needs: frozenset = frozenset()) -> Outputs:
-        """Outputs for a ``kdbench.train.Batch`` (its images, sample indices, epoch and further views)."""
+        """Outputs for a ``kdbench.engine.train.Batch`` (its images, sample indices, epoch and further views)."""
         if self.store is not None and needs & {"features", "embedding"} <= self.cached_needs:
             out = self.store.get(int(batch.epoch)).index(batch.idx)
         else:

@@ -1,7 +1,7 @@
-"""Checks a parsed study against the loss registry, the cards, timm's model names and the file system, and resolves
-each loss entry into what a sweep needs: fixed knobs, the search space, paper defaults and a builder.
-
-Everything here runs before anything is written, so a bad study fails with one line and leaves no trace.
+"""The plan of a study: each loss entry resolved against the registry and its card into what a sweep needs (fixed
+knobs, the search space, paper defaults) and the factories that build its loss, weighting and temperature schedule
+for one trial's values. Resolving checks the entry, so :mod:`kdbench.study.checks` calls it before anything is
+written.
 
 Knob names (Optuna parameter names): a single loss's own parameters are plain (``temperature``), or
 ``<loss>.<param>`` where they collide with a study-level knob (``dkd.alpha``); in a combination every own
@@ -12,22 +12,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from inspect import Parameter
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from kdbench.config import LossEntry, StudyConfig
-from kdbench.data import DATASETS, check_data_root
+from kdbench.config import LossEntry
 from kdbench.errors import KdbenchError
-from kdbench.losses import DistillLoss, create_loss, get_loss_class, load_card, loss_parameters
-from kdbench.losses.base import unknown_loss_message
-from kdbench.losses.cards import MIX_DEFAULTS, MIX_PARAMS, knob_name
+from kdbench.losses import DistillLoss, create_loss, get_loss_class, load_card, loss_parameters, unknown_loss_message
+from kdbench.losses.card import MIX_DEFAULTS, MIX_PARAMS, knob_name
 from kdbench.losses.combine import CombinedLoss, create_custom, custom_parameters, is_custom
 from kdbench.losses.weighting import KDWeighting, check_weighting
-from kdbench.models import check_model_name
-from kdbench.schedules import check_schedule, make_schedule, temperature_modules
-from kdbench.space import SearchParam
+from kdbench.engine.schedules import check_schedule, make_schedule, temperature_modules
+from kdbench.config.space import SearchParam
 
 
 @dataclass
@@ -206,34 +202,4 @@ def resolve_entry(entry: LossEntry, where: str) -> ResolvedEntry:
                 or entry.class_weights is not None or entry.kd_classes is not None)
     if weighted and not loss.has_per_sample:
         raise KdbenchError(f"{where}: loss {entry.key!r} has no per-sample values, so it cannot be weighted")
-    return resolved
-
-
-def check_study(cfg: StudyConfig, source: str = "study") -> list[ResolvedEntry]:
-    """Registry, card, model-name and file checks; returns the resolved loss entries."""
-    if cfg.data.dataset not in DATASETS:
-        raise KdbenchError(f"{source}: data.dataset: unknown data set {cfg.data.dataset!r}; known: {sorted(DATASETS)}")
-    try:  # a file-based data set's files must be where data.root says (unless data.download will fetch them)
-        check_data_root(cfg.data)
-    except KdbenchError as e:
-        raise KdbenchError(f"{source}: {e}") from None
-    def where(field: str, i: int, many: bool) -> str:
-        return f"{field}[{i}]" if many else field
-
-    try:
-        for i, t in enumerate(cfg.teachers):
-            check_model_name(t.model, where("teacher", i, isinstance(cfg.teacher, list)) + ".model")
-            if t.checkpoint and not Path(t.checkpoint).is_file():
-                raise KdbenchError(f"{where('teacher', i, isinstance(cfg.teacher, list))}.checkpoint: "
-                                   f"file not found: {t.checkpoint}")
-        for i, st in enumerate(cfg.students):
-            check_model_name(st.model, where("student", i, isinstance(cfg.student, list)) + ".model")
-    except KdbenchError as e:
-        raise KdbenchError(f"{source}: {e}") from None
-    resolved = []
-    for i, entry in enumerate(cfg.losses):
-        try:
-            resolved.append(resolve_entry(entry, f"losses[{i}]"))
-        except KdbenchError as e:
-            raise KdbenchError(f"{source}: {e}") from None
     return resolved

@@ -79,3 +79,27 @@ def pruning_possible(pruner: Any, steps: Any) -> bool:
     nearest_lower_pruning_step = (step - warmup) // interval * interval + warmup
     second_last_step = max((s for s in steps if s != step), default=-1)
     return second_last_step < nearest_lower_pruning_step
+
+
+# the objective every sweep maximises, named in the Optuna study (optuna-dashboard shows it instead of "Objective 0")
+METRIC = "val_acc"
+
+
+def pruner_warmup(epochs: int, warmup: Optional[int]) -> int:
+    """Epochs before the pruner looks at a trial: ``sweep.pruner_warmup_epochs``, or a third of the epochs."""
+    return warmup if warmup is not None else max(1, epochs // 3)
+
+
+def make_sampler(sweep) -> optuna.samplers.BaseSampler:
+    """The sweep's sampler from ``sweep`` (a :class:`~kdbench.config.SweepConfig`), seeded."""
+    if sweep.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=sweep.seed)
+    # TPE's default of 10 random start-up trials would leave a small sweep purely random
+    return optuna.samplers.TPESampler(seed=sweep.seed, n_startup_trials=max(2, min(10, sweep.trials // 3)))
+
+
+def make_pruner(sweep, epochs: int) -> optuna.pruners.BasePruner:
+    if sweep.pruner == "none":
+        return optuna.pruners.NopPruner()
+    return SnapshotPruner(optuna.pruners.MedianPruner(n_startup_trials=sweep.pruner_startup_trials,
+                                                      n_warmup_steps=pruner_warmup(epochs, sweep.pruner_warmup_epochs)))

@@ -88,10 +88,9 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path
     model.load_state_dict(state)
 
 
-def log_final_model(tracker, run_id: str, student_cfg, data, path: Path) -> None:
-    """``mlflow.pytorch.log_model`` of a final student (MLflow's traced pt2 format: no pickle), into run
-    ``run_id``. Only final models are logged this way, never trials."""
-    import mlflow
+def final_model(student_cfg, data, path: Path) -> tuple[torch.nn.Module, Any, list[str]]:
+    """A final student rebuilt from its exported checkpoint, with an input example and its pip requirements: what
+    ``Tracker.log_model`` needs (only final students are logged as models, never trials)."""
     import numpy as np
     import timm
 
@@ -102,9 +101,4 @@ def log_final_model(tracker, run_id: str, student_cfg, data, path: Path) -> None
     load_into(model, {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}, path,
               "final student")
     example = np.zeros((2, data.in_chans, data.image_size, data.image_size), dtype=np.float32)
-    mlflow.set_tracking_uri(tracker.uri)
-    with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(model.eval(), name="student", input_example=example,
-                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                                                   f"timm=={timm.__version__}"])
-
+    return model.eval(), example, [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"]

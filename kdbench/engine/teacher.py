@@ -14,11 +14,11 @@ from typing import Callable, Optional
 import torch
 from safetensors.torch import save_file
 
-from kdbench.checkpoints import atomic_write, load_into, read_state
+from kdbench.engine.checkpoints import atomic_write, load_into, read_state
 from kdbench.data import DataBundle
-from kdbench.digests import spec_digest
+from kdbench.config.digests import spec_digest
 from kdbench.models import count_params, create_model
-from kdbench.train import EpochStats, evaluate, fit
+from kdbench.engine.train import EpochStats, evaluate, fit
 
 RECIPE_FIELDS = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "schedule", "milestones", "gamma")
 

@@ -1,6 +1,6 @@
-"""Leaderboards from MLflow: the runs of one study are read back through the MLflow client (the only source of
-truth), tabulated with pandas and written as ``LEADERBOARD.md`` with PNG figures beside it. Nothing in the table
-depends on when it was built, so rebuilding from unchanged runs gives the same bytes.
+"""Leaderboards: the runs of one study, read back from the tracker (the only source of truth), tabulated with
+pandas and written as ``LEADERBOARD.md`` with PNG figures beside it. Nothing in the table depends on when it was
+built, so rebuilding from unchanged runs gives the same bytes.
 """
 from __future__ import annotations
 
@@ -13,32 +13,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from kdbench import tracking as tk
-from kdbench.errors import KdbenchError
-
-BASELINE = "ce"
-NOT_PARAMS = {"run.loss", "run.seed", "run.student"}
-RUN_COLUMNS = ["run_id", "role", "loss", "loss_name", "student", "teacher_index", "seed", "trial", "status", "state",
-               "val_acc", "test_acc", "last_test_acc", "seconds", "params"]
-
-
-def runs_frame(tracker: tk.Tracker, parent_id: str) -> pd.DataFrame:
-    """One row per child run of a study: role, loss, seed, status, trial state, selected metrics and params."""
-    rows = []
-    for r in tracker.find(parent=parent_id):
-        t, m = r.data.tags, r.data.metrics
-        rows.append({
-            "run_id": r.info.run_id, "role": t.get(tk.ROLE), "loss": t.get(tk.LOSS), "loss_name": t.get(tk.LOSS_NAME),
-            "student": t.get(tk.STUDENT), "teacher_index": int(t.get("kdbench.teacher_index", 0)),
-            "seed": int(t[tk.SEED]) if tk.SEED in t else None,
-            "trial": int(t[tk.TRIAL]) if tk.TRIAL in t else None,
-            "status": r.info.status, "state": t.get(tk.STATE),
-            "val_acc": m.get("selected_val_acc"), "test_acc": m.get("selected_test_acc"),
-            "last_test_acc": m.get("test_acc"),  # the newest per-epoch value (where a pruned trial stopped)
-            "seconds": m.get("train_seconds"),
-            "params": {k: v for k, v in r.data.params.items() if k not in NOT_PARAMS},
-        })
-    return pd.DataFrame(rows, columns=RUN_COLUMNS)
+from kdbench.errors import mask_secrets
+from kdbench.report.store import runs_frame
+from kdbench.tracking import tags as tk
+from kdbench.tracking.base import Tracker
+from kdbench.tracking.tags import BASELINE
 
 
 def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
@@ -215,7 +194,7 @@ def failures(runs: pd.DataFrame) -> list[str]:
 def render(boards: dict, runs: pd.DataFrame, tags: dict, p: dict, tracking_uri: str, experiment: str,
            parent_id: str, figures: list[Path]) -> str:
     teacher = runs[(runs.role == "teacher") & (runs.status == "FINISHED")]
-    device = tags.get("kdbench.device", "cpu")
+    device = tags.get(tk.DEVICE, "cpu")
     lines = [
         f"# Leaderboard: {tags.get(tk.STUDY, '?')}",
         "",
@@ -223,7 +202,7 @@ def render(boards: dict, runs: pd.DataFrame, tags: dict, p: dict, tracking_uri: 
         f"train/val/test {p.get('data.splits.train')}/{p.get('data.splits.val')}/{p.get('data.splits.test')} "
         f"(seed {p.get('data.seed')}); the student sees {_share(p.get('data.student_fraction'))} of the training "
         f"labels, {_share(p.get('data.student_label_noise'))} of them flipped.",
-        f"- **Teacher → student**: {tags.get('kdbench.teachers', '?')} → {tags.get('kdbench.students', '?')}, "
+        f"- **Teacher → student**: {tags.get(tk.TEACHERS, '?')} → {tags.get(tk.STUDENTS, '?')}, "
         f"{p.get('train.epochs')} student epochs ({p.get('train.optimizer')}, lr {p.get('train.lr')}, "
         f"{p.get('train.schedule')}).",
         f"- **Selection**: hyperparameters tuned on **val** ({p.get('sweep.trials')} trials per loss, "
@@ -233,10 +212,10 @@ def render(boards: dict, runs: pd.DataFrame, tags: dict, p: dict, tracking_uri: 
         f"95% CI is the Student-t half-width; Δ is against the CE-only student, paired by seed; ≈ marks a row "
         f"whose interval overlaps the best row's (statistically tied). Train time and compute add up the trial and "
         f"confirm runs of each row.",
-        f"- **Trace**: MLflow experiment `{experiment}`, study run `{parent_id}` at `{tk.mask_secrets(tracking_uri)}`; "
-        f"kdbench {tags.get('kdbench.version', '?')} (commit {tags.get('kdbench.commit', '?')}), "
-        f"torch {tags.get('kdbench.torch', '?')}, device {device}, teacher outputs "
-        f"{tags.get('kdbench.teacher_outputs', '?')}.",
+        f"- **Trace**: MLflow experiment `{experiment}`, study run `{parent_id}` at `{mask_secrets(tracking_uri)}`; "
+        f"kdbench {tags.get(tk.VERSION, '?')} (commit {tags.get(tk.COMMIT, '?')}), "
+        f"torch {tags.get(tk.TORCH, '?')}, device {device}, teacher outputs "
+        f"{tags.get(tk.TEACHER_OUTPUTS, '?')}.",
         "",
     ]
     for student, board in boards.items():
@@ -254,49 +233,16 @@ def render(boards: dict, runs: pd.DataFrame, tags: dict, p: dict, tracking_uri: 
     return "\n".join(lines)
 
 
-def find_study_run(tracker: tk.Tracker, study: Optional[str] = None):
-    runs = tracker.find(role="study", **({"study": study} if study else {}))
-    if not runs:
-        raise KdbenchError(f"no kdbench study run in MLflow experiment {tracker.experiment!r} at "
-                           f"{tk.mask_secrets(tracker.uri)}")
-    return runs[0]
-
-
-def open_study_store(out_dir=None, tracking_uri: Optional[str] = None,
-                     experiment: Optional[str] = None) -> tk.Tracker:
-    """The MLflow store of a study: ``sqlite:///<out_dir>/mlflow.db`` unless a tracking URI is given. Without an
-    experiment name, the experiment holding the newest kdbench study run is used."""
-    if tracking_uri is None:
-        if out_dir is None:
-            raise KdbenchError("report: give a run directory, or --experiment with --tracking-uri")
-        db = Path(out_dir) / "mlflow.db"
-        if not db.is_file():
-            raise KdbenchError(f"{out_dir}: no MLflow store here (expected {db})")
-        tracking_uri = f"sqlite:///{db.resolve()}"
-    if experiment is None:
-        from mlflow import MlflowClient
-
-        tk.quiet_mlflow_logs()
-        client = MlflowClient(tracking_uri=tracking_uri)
-        exps = client.search_experiments()
-        found = client.search_runs([e.experiment_id for e in exps], f"tags.`{tk.ROLE}` = 'study'", max_results=1,
-                                   order_by=["attributes.start_time DESC"]) if exps else []
-        if not found:
-            raise KdbenchError(f"no kdbench study run at {tk.mask_secrets(tracking_uri)}")
-        experiment = client.get_experiment(found[0].info.experiment_id).name
-    return tk.Tracker(tracking_uri, experiment, create=False)
-
-
 def boards_by_student(runs: pd.DataFrame, tags: dict) -> dict:
-    students = [x.strip() for x in tags.get("kdbench.students", "").split(",") if x.strip()]
+    students = [x.strip() for x in tags.get(tk.STUDENTS, "").split(",") if x.strip()]
     return {s: leaderboard(runs, s) for s in students} if len(students) > 1 else {None: leaderboard(runs)}
 
 
-def write_report(tracker: tk.Tracker, parent_id: str, report_dir: Path, figures: bool = True) -> Path:
+def write_report(tracker: Tracker, parent_id: str, report_dir: Path, figures: bool = True) -> Path:
     """LEADERBOARD.md and its figures in ``report_dir``, also logged as artifacts of the study run."""
-    from kdbench.figures import make_figures
+    from kdbench.report.figures import make_figures
 
-    parent = tracker.client.get_run(parent_id)
+    parent = tracker.get_run(parent_id)
     runs = runs_frame(tracker, parent_id)
     tags = dict(parent.data.tags, _status=parent.info.status)
     boards = boards_by_student(runs, tags)

@@ -1,0 +1,58 @@
+"""Every MLflow tag key kdbench writes or reads, defined once. Reports are rebuilt from these tags alone, so a key
+renamed here is renamed everywhere; ``kdbench.*`` literals elsewhere in the package are a bug."""
+from __future__ import annotations
+
+import re
+
+# what a run is and where it belongs
+ROLE = "kdbench.role"  # study | teacher | baseline | trial | confirm
+STUDY = "kdbench.study"
+LOSS = "kdbench.loss"  # the entry's key (label or name)
+LOSS_NAME = "kdbench.loss_name"  # the registry name behind the key
+SEED = "kdbench.seed"
+STUDENT = "kdbench.student"
+TEACHER_INDEX = "kdbench.teacher_index"
+WORKER = "kdbench.worker"
+PARENT = "mlflow.parentRunId"
+OPTUNA_STUDY = "optuna.study_name"
+TRIAL = "optuna.trial_number"
+
+#: the ``kdbench.loss`` value (and leaderboard key) of the CE-only student
+BASELINE = "ce"
+
+# how a run ended
+STATE = "kdbench.trial_state"  # COMPLETE | PRUNED | FAIL
+PRUNE_REASON = "kdbench.prune_reason"
+ERROR = "kdbench.error"
+
+# the study run: what it is, where it ran
+CONFIG_HASH = "kdbench.config_hash"
+VERSION = "kdbench.version"
+COMMIT = "kdbench.commit"
+TORCH = "kdbench.torch"
+DEVICE = "kdbench.device"
+OPTUNA_STORAGE = "kdbench.optuna_storage"
+TEACHERS = "kdbench.teachers"
+STUDENTS = "kdbench.students"
+TEACHER_OUTPUTS = "kdbench.teacher_outputs"
+NOTE = "mlflow.note.content"  # shown by the MLflow UI as the run's description
+
+# teachers and final students
+TEACHER_SOURCE = "kdbench.teacher_source"
+TEACHER_KEY = "kdbench.teacher_key"
+CHECKPOINT = "kdbench.checkpoint"
+EXPORTED = "kdbench.exported"
+BEST_PREFIX = "kdbench.best"  # kdbench.best.<student>.<loss> on the study run: the exported confirm run
+
+#: short names accepted by ``Tracker.find(role=..., loss=...)``
+FIND_KEYS = {"role": ROLE, "study": STUDY, "loss": LOSS, "seed": SEED, "parent": PARENT, "student": STUDENT,
+             "teacher_index": TEACHER_INDEX}
+
+
+def safe_key(name: str) -> str:
+    """An MLflow param/metric/tag name for ``name`` (MLflow allows alphanumerics and ``_ - . : /`` and space)."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name)
+
+
+def best_key(student: str, loss: str) -> str:
+    return f"{BEST_PREFIX}.{safe_key(student)}.{safe_key(loss)}"
