@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable, Optional, TypeVar
 from kdbench.errors import KdbenchError
 from kdbench.losses.card import FAMILIES, card_names, card_path, load_card
 
-if TYPE_CHECKING:  # base imports this module (a compatibility re-export), so only for annotations
+if TYPE_CHECKING:  # base imports torch, which listing losses must not; for annotations only
     from kdbench.losses.base import DistillLoss
 
 L = TypeVar("L", bound="type[DistillLoss]")
