@@ -16,14 +16,15 @@ def load_and_check(path: Union[str, Path]):
 
 def run_study(path: Union[str, Path], *, out=None, report_dir=None, tracking_uri: Optional[str] = None,
               storage: Optional[str] = None, quiet: bool = False, worker: bool = False, workers: int = 1,
-              gpus: Optional[list[str]] = None, report: bool = True):
+              gpus: Optional[list[str]] = None, report: bool = True, log_every: float = 30.0):
     """Validate and run the study file at ``path``, then (as the coordinator) write its leaderboard; returns a
-    :class:`~kdbench.study.paths.StudySummary`."""
+    :class:`~kdbench.study.paths.StudySummary`. Progress goes to the ``kdbench`` logger (INFO: runs and an epoch line
+    at most every ``log_every`` seconds; DEBUG: every epoch)."""
     from kdbench.study.runner import run_study as run
 
     cfg, plan = load_and_check(path)
     summary = run(cfg, plan, out=out, report_dir=report_dir, tracking_uri=tracking_uri, storage=storage,
-                  quiet=quiet, worker=worker, workers=workers, gpus=gpus)
+                  quiet=quiet, worker=worker, workers=workers, gpus=gpus, log_every=log_every)
     if report and summary.coordinator:
         from kdbench.report.leaderboard import write_report
         from kdbench.report.store import open_study_store

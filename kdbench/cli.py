@@ -12,10 +12,13 @@ from pathlib import Path
 def _cmd_run(args) -> int:
     from kdbench.api import run_study
     from kdbench.errors import mask_secrets
+    from kdbench.study.progress import log_to_stdout
 
     workers, gpus = _workers(args.workers)
+    log_to_stdout(quiet=args.quiet, verbose=args.verbose)
     s = run_study(args.study, out=args.out, report_dir=args.report_dir, tracking_uri=args.tracking_uri,
-                  storage=args.storage, quiet=args.quiet, worker=args.worker, workers=workers, gpus=gpus)
+                  storage=args.storage, quiet=args.quiet, worker=args.worker, workers=workers, gpus=gpus,
+                  log_every=args.log_every)
     uri = mask_secrets(s.paths.tracking_uri)
     if not s.coordinator:
         print(f"worker done: study {s.name!r}, runs at {uri}")
@@ -81,27 +84,71 @@ def _cmd_validate(args) -> int:
     return 0
 
 
-def _cmd_losses(args) -> int:
-    from kdbench.losses import list_losses, load_card
+WIDTH = 100  # the default table fits a terminal this wide
 
-    cards = [load_card(n) for n in list_losses()]
+
+def _cmd_losses(args) -> int:
+    from kdbench.errors import KdbenchError
+    from kdbench.losses import list_losses, load_card, unknown_loss_message
+
+    names = list_losses(family=args.family)
+    if args.name:
+        if args.name not in names:
+            raise KdbenchError(unknown_loss_message(args.name))
+        names = [args.name]
+    cards = [load_card(n) for n in names]
     if args.json:
         print(json.dumps([c.model_dump(mode="json") for c in cards], indent=1))
-        return 0
-    import pandas as pd
-
-    table = pd.DataFrame({
-        "name": [c.name for c in cards],
-        "family": [c.family for c in cards],
-        "needs": [", ".join(c.needs) for c in cards],
-        "paper": [f"{c.paper.venue} {c.paper.year}" + (f" arXiv:{c.paper.arxiv}" if c.paper.arxiv else "")
-                  if c.paper else "–" for c in cards],
-        "defaults": [", ".join(f"{k}={v}" for k, v in {**c.defaults, "alpha": c.alpha, "weight": c.weight}.items())
-                     for c in cards],
-        "search": [", ".join(f"{k} {v.describe()}" for k, v in c.search.items()) for c in cards],
-    })
-    print(table.to_markdown(index=False))
+    elif args.name:
+        print(_card_text(cards[0]))
+    else:
+        print(_losses_table(cards, wide=args.wide))
     return 0
+
+
+def _paper(c, short: bool = False) -> str:
+    if not c.paper:
+        return "–"
+    return f"{c.paper.venue.split()[0] if short else c.paper.venue} {c.paper.year}"
+
+
+def _losses_table(cards, wide: bool) -> str:
+    if wide:
+        import pandas as pd
+
+        return pd.DataFrame({
+            "name": [c.name for c in cards], "family": [c.family for c in cards],
+            "needs": [", ".join(c.needs) for c in cards],
+            "paper": [_paper(c) + (f" arXiv:{c.paper.arxiv}" if c.paper and c.paper.arxiv else "") for c in cards],
+            "defaults": [", ".join(f"{k}={v}" for k, v in {**c.defaults, "alpha": c.alpha, "weight": c.weight}.items())
+                         for c in cards],
+            "search": [", ".join(f"{k} {v.describe()}" for k, v in c.search.items()) for c in cards],
+        }).to_markdown(index=False)
+    # fixed columns, the summary cut to what is left of the width: the full card is `kdbench losses NAME`
+    rows = [("name", "family", "needs", "paper", "summary")]
+    rows += [(c.name, c.family, ",".join(c.needs), _paper(c, short=True), c.summary) for c in cards]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = []
+    for r in rows:
+        line = "  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[4]
+        lines.append(line if len(line) <= WIDTH else line[:WIDTH - 1] + "…")
+    return "\n".join(lines + ["", "one card in full: kdbench losses NAME; every column: --wide; cards as JSON: --json"])
+
+
+def _card_text(c) -> str:
+    lines = [f"{c.name} ({c.family}): {c.summary}"]
+    if c.paper:
+        arxiv = f", arXiv:{c.paper.arxiv}" if c.paper.arxiv else ""
+        lines.append(f"paper:     {c.paper.title}. {c.paper.authors}. {c.paper.venue} {c.paper.year}{arxiv}")
+    lines += [f"reference: {c.reference}", f"needs:     {', '.join(c.needs)}",
+              f"defaults:  {', '.join(f'{k}={v}' for k, v in c.defaults.items()) or '–'}; alpha={c.alpha}, "
+              f"weight={c.weight}   (total = (1 − alpha)·CE + alpha·weight·loss)"]
+    if c.stages:
+        lines.append(f"reads:     {c.stages}")
+    lines += [f"search:    {k} {v.describe()}" for k, v in c.search.items()]
+    if c.notes:
+        lines.append(f"notes:     {c.notes}")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--report-dir", help="where LEADERBOARD.md goes (default reports/<study name>)")
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<out>/mlflow.db)")
     r.add_argument("--storage", help="Optuna storage URL (default sqlite:///<out>/optuna.db)")
-    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-run lines")
+    r.add_argument("-q", "--quiet", action="store_true", help="only errors and the final summary")
+    r.add_argument("-v", "--verbose", action="store_true", help="a log line for every epoch of every run")
+    r.add_argument("--log-every", type=float, default=30.0, metavar="SECONDS",
+                   help="without a terminal: at most one epoch line per run every SECONDS (default 30)")
     r.add_argument("--workers", default="1", help="local worker processes sharing the study's storage, or 'auto' "
                    "(one per visible GPU)")
     r.add_argument("--worker", action="store_true", help="only run trials: join a study whose coordinator (teacher, "
@@ -140,7 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("study")
     v.set_defaults(func=_cmd_validate)
 
-    ls = sub.add_parser("losses", help="the loss registry")
+    ls = sub.add_parser("losses", help="the loss registry (one card in full with NAME)")
+    ls.add_argument("name", nargs="?", help="one loss: its whole card")
+    ls.add_argument("--family", help="only this family (logit, feature, embedding, relation, self)")
+    ls.add_argument("--wide", action="store_true", help="every column: arXiv ids, defaults, search spaces")
     ls.add_argument("--json", action="store_true", help="machine-readable cards")
     ls.set_defaults(func=_cmd_losses)
     return p
@@ -167,6 +220,10 @@ def main(argv=None) -> int:
     except KdbenchError as e:
         print(f"kdbench: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader stopped reading (`kdbench losses --json | head`): not an error; silence the flush at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt as e:
         print("kdbench: terminated" if isinstance(e, Terminated) else "kdbench: interrupted", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130

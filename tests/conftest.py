@@ -3,8 +3,9 @@ import os
 import pytest
 import torch
 
-# Tests never touch the user's teacher cache or download anything.
-os.environ.setdefault("KDBENCH_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "kdcache"))
+# Tests never touch the user's teacher cache (even with KDBENCH_CACHE_DIR set) or download anything.
+os.environ["KDBENCH_CACHE_DIR"] = os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "kdcache")
+os.environ["HF_HUB_OFFLINE"] = "1"
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -62,7 +62,7 @@ def load_state(model: torch.nn.Module, path: Path, what: str, expected_model: Op
 
 def get_teacher(t, data: DataBundle, device: torch.device, precision: str, cache_dir: Path, augment: bool = False,
                 augment_seed: Optional[int] = None, on_epoch: Optional[Callable[[EpochStats], None]] = None,
-                progress: Optional[Callable[[], None]] = None) -> tuple[torch.nn.Module, TeacherInfo]:
+                progress: Optional[Callable[[EpochStats], None]] = None) -> tuple[torch.nn.Module, TeacherInfo]:
     """The teacher described by ``t`` (a ``TeacherConfig``): from its checkpoint, from the cache, or trained now."""
     torch.manual_seed(t.seed)
     model = create_model(t.model, data.num_classes, data.in_chans, t.kwargs)

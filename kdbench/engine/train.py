@@ -125,7 +125,7 @@ def fit(
     augment_pad: int = 0,
     hflip: bool = False,
     on_epoch: Optional[Callable[[EpochStats], None]] = None,
-    progress: Optional[Callable[[], None]] = None,
+    progress: Optional[Callable[[EpochStats], None]] = None,
     channels_last: bool = False,
     augment_seed: Optional[int] = None,
     compile_mode: Optional[str] = None,
@@ -224,8 +224,8 @@ def fit(
         for epoch in range(recipe.epochs):
             stats = one_epoch(epoch)
             history.append(stats)
-            if progress is not None:
-                progress()
+            if progress is not None:  # before on_epoch, which may end the run (pruning)
+                progress(stats)
             if on_epoch is not None:
                 on_epoch(stats)
     return FitResult(history=history, seconds=time.perf_counter() - start)

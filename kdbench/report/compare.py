@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 
 from kdbench.report.leaderboard import _pct, boards_by_student
-from kdbench.report.store import find_study_run, open_study_store, runs_frame
+from kdbench.report.store import find_study_run, open_study_store, runs_frame, study_params
 from kdbench.tracking import tags as tk
 from kdbench.tracking.tags import BASELINE
 
@@ -20,7 +20,7 @@ def study_boards(source: str) -> list[tuple[str, str, pd.DataFrame]]:
     out = []
     for student, board in boards_by_student(runs_frame(tracker, parent.info.run_id), tags).items():
         column = f"{name} · {student}" if student else name
-        p = parent.data.params
+        p = study_params(parent)
         desc = (f"`{column}`: {p.get('data.dataset')} {p.get('data.image_size')}px, "
                 f"{tags.get(tk.TEACHERS)} → {student or tags.get(tk.STUDENTS)}, "
                 f"{p.get('train.epochs')} epochs, confirm seeds {p.get('confirm.seeds')}, select "

@@ -14,7 +14,7 @@ import pandas as pd
 from scipy import stats
 
 from kdbench.errors import mask_secrets
-from kdbench.report.store import runs_frame
+from kdbench.report.store import runs_frame, study_params
 from kdbench.tracking import tags as tk
 from kdbench.tracking.base import Tracker
 from kdbench.tracking.tags import BASELINE
@@ -247,8 +247,9 @@ def write_report(tracker: Tracker, parent_id: str, report_dir: Path, figures: bo
     tags = dict(parent.data.tags, _status=parent.info.status)
     boards = boards_by_student(runs, tags)
     report_dir.mkdir(parents=True, exist_ok=True)
-    made = make_figures(tracker, runs, boards, parent.data.params, report_dir) if figures else []
-    text = render(boards, runs, tags, parent.data.params, tracker.uri, tracker.experiment, parent_id, made)
+    params = study_params(parent)
+    made = make_figures(tracker, runs, boards, params, report_dir) if figures else []
+    text = render(boards, runs, tags, params, tracker.uri, tracker.experiment, parent_id, made)
     path = report_dir / "LEADERBOARD.md"
     path.write_text(text)
     for f in [path, *made]:

@@ -34,6 +34,17 @@ def runs_frame(tracker: Tracker, parent_id: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
 
+def study_params(parent) -> dict:
+    """The study run's params, with what the study plans now (its plan tags: a resumed study may plan more trials
+    and seeds than its write-once params say)."""
+    p, t = dict(parent.data.params), parent.data.tags
+    if tk.PLAN_TRIALS in t:
+        p["sweep.trials"] = t[tk.PLAN_TRIALS]
+    if tk.PLAN_SEEDS in t:
+        p["confirm.seeds"] = t[tk.PLAN_SEEDS]
+    return p
+
+
 def find_study_run(tracker: Tracker, study: Optional[str] = None):
     runs = tracker.find(role="study", **({"study": study} if study else {}))
     if not runs:

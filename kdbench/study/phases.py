@@ -22,7 +22,7 @@ from kdbench.study.plan import ResolvedEntry
 from kdbench.study.progress import Progress
 from kdbench.study.runs import RunBook
 from kdbench.sweep.samplers import METRIC, make_pruner, make_sampler
-from kdbench.sweep.slots import MLFLOW_RUN, REASON, TrialFailed, open_sweep, run_slots
+from kdbench.sweep.slots import FINISHED, MLFLOW_RUN, REASON, TrialFailed, add_slots, open_sweep, run_slots
 from kdbench.sweep.workers import WORKER_ID
 from kdbench.tracking import tags as tk
 from kdbench.tracking.tags import BASELINE
@@ -34,6 +34,7 @@ class Phases:
         self.cfg, self.entries, self.paths, self.device = cfg, entries, paths, device
         self.progress, self.book, self.storage = progress, book, storage
         self.provider: Optional[TeacherProvider] = None
+        self._counted: set[str] = set()
 
     def _who(self, st) -> str:
         return f"[{st.key}] " if len(self.cfg.students) > 1 else ""
@@ -118,6 +119,7 @@ class Phases:
 
     def baseline(self, data: DataBundle, st) -> None:
         if self.book.finished(role="baseline", student=st.key):
+            self.progress.skip()
             return
         seed = self.cfg.sweep.seed
         tags = self.book.tags("baseline", **{tk.LOSS: BASELINE, tk.SEED: seed, tk.STUDENT: st.key})
@@ -133,10 +135,22 @@ class Phases:
                           make_pruner(self.cfg.sweep, self.cfg.train.epochs), self.cfg.sweep.trials,
                           entry.first_trial(), metric=METRIC)
 
+    def add_slots(self) -> None:
+        """Every sweep holds ``sweep.trials`` slots: more are enqueued when a resumed study asks for more (only the
+        coordinator calls this, before any worker starts)."""
+        for st in self.cfg.students:
+            for entry in self.entries:
+                added = add_slots(self.optuna_study(entry, st), self.cfg.sweep.trials)
+                if added:
+                    self.progress.say(f"{self._who(st)}{entry.key}: {added} more trial(s) to run")
+
     def sweep(self, entry: ResolvedEntry, data: DataBundle, st) -> None:
         """Claim and run this sweep's waiting trials until none is left."""
         cfg, book = self.cfg, self.book
         study = self.optuna_study(entry, st)
+        if study.study_name not in self._counted:  # trials finished before this process came (resumed, other workers)
+            self._counted.add(study.study_name)
+            self.progress.skip(len(study.get_trials(deepcopy=False, states=FINISHED)))
 
         def objective(trial: optuna.Trial) -> float:
             searched = {k: spec.suggest(trial, k) for k, spec in entry.space.items()}
@@ -186,6 +200,7 @@ class Phases:
         for key, entry, values in plans:
             for seed in cfg.confirm.seed_list:
                 if book.finished(role="confirm", loss=key, seed=seed, student=st.key):
+                    self.progress.skip()
                     continue
                 tags = book.tags("confirm", **{tk.LOSS: key, tk.LOSS_NAME: entry.name if entry else BASELINE,
                                                tk.SEED: seed, tk.STUDENT: st.key})

@@ -8,6 +8,7 @@ repeated, the teacher comes from the cache. The report is written by the caller 
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ from kdbench.data import DataBundle, load_data
 from kdbench.engine.device import configure_backend, resolve_device
 from kdbench.engine.teacher_outputs import attach_cache
 from kdbench.errors import KdbenchError, mask_secrets
+from kdbench.study.changes import compare, old_study
 from kdbench.study.checks import check_teacher_checkpoints
 from kdbench.study.paths import StudyPaths, StudySummary, git_commit
 from kdbench.study.phases import Phases
@@ -42,12 +44,12 @@ JOIN_TIMEOUT_S = 600  # how long a worker waits for its coordinator's study run
 
 class StudyRunner:
     def __init__(self, cfg: StudyConfig, entries: list[ResolvedEntry], paths: StudyPaths, quiet: bool = False,
-                 worker: bool = False, workers: int = 1, gpus: Optional[list[str]] = None):
+                 worker: bool = False, workers: int = 1, gpus: Optional[list[str]] = None, log_every: float = 30.0):
         self.cfg, self.entries, self.paths = cfg, entries, paths
         self.worker_only, self.workers, self.gpus = worker, workers, gpus or []
         self.experiment = cfg.tracking.experiment or cfg.name
         per_student = 1 + cfg.sweep.trials * len(entries) + (1 + len(entries)) * len(cfg.confirm.seed_list)
-        self.progress = Progress(len(cfg.teachers) + per_student * len(cfg.students), quiet)
+        self.progress = Progress(len(cfg.teachers) + per_student * len(cfg.students), quiet, every_s=log_every)
         self.device = resolve_device(cfg.train.device)  # before anything is written
         self.book: Optional[RunBook] = None
         self.phases: Optional[Phases] = None
@@ -100,6 +102,7 @@ class StudyRunner:
             self._open_parent()
             self._end_orphans()
             sources = self._teachers(data, record=True)
+            self.phases.add_slots()  # a study file asking for more trials than its sweeps hold
             # after the teachers: the workers find them in the cache
             procs = spawn_workers(self.workers, self.paths.out / "study.yaml", self.paths.out, self.paths.report_dir,
                                   self.paths.tracking_uri, self.paths.storage, self.gpus)
@@ -153,37 +156,65 @@ class StudyRunner:
 
     # -- the study run --------------------------------------------------------------------------------------------
     def _open_parent(self) -> None:
-        """The study run: created with the study's params, tags and YAML, or reopened when the study resumes."""
+        """The study run: created with the study's params, tags and YAML, or reopened when the study resumes (and
+        extended when the study file asks for more trials, seeds or losses; any other change is refused)."""
         cfg, book = self.cfg, self.book
-        fingerprint = cfg.fingerprint()
         existing = book.tracker.find(role="study", study=cfg.name)
         if existing:
             run = existing[0]
-            if run.data.tags.get(tk.CONFIG_HASH) != fingerprint:
-                raise KdbenchError(
-                    f"{self.paths.out}: holds a run of study {cfg.name!r} with a different configuration; "
-                    f"use --out to start a new output directory")
             book.parent = run.info.run_id
+            if run.data.tags.get(tk.CONFIG_HASH) != cfg.fingerprint():
+                self._extend(run)
             book.tracker.reopen(book.parent)
             self.progress.say(f"resuming study {cfg.name!r} (MLflow run {book.parent})")
             return
         tags = book.tags("study", **{
-            tk.CONFIG_HASH: fingerprint, tk.VERSION: kdbench.__version__, tk.COMMIT: git_commit(),
+            tk.CONFIG_HASH: cfg.fingerprint(), tk.VERSION: kdbench.__version__, tk.COMMIT: git_commit(),
             tk.TORCH: torch.__version__, tk.DEVICE: str(self.device),
             tk.OPTUNA_STORAGE: mask_secrets(self.paths.storage),
             tk.TEACHERS: " + ".join(t.model for t in cfg.teachers),
             tk.STUDENTS: ", ".join(st.key for st in cfg.students),
-            tk.NOTE: cfg.description or f"kdbench study {cfg.name}"})
+            tk.NOTE: cfg.description or f"kdbench study {cfg.name}", **self._plan_tags()})
         params = {k: mask_secrets(v) if isinstance(v, str) else v
                   for k, v in flatten(cfg.compact_dump(exclude={"losses"})).items()}
         params["losses"] = [e.key for e in self.entries]
-        # the search spaces, so reports can rebuild each Optuna study from the tracker alone
-        params.update({tk.safe_key(f"space.{e.key}"): {k: v.model_dump(exclude_none=True) for k, v in e.space.items()}
-                       for e in self.entries})
+        params.update(self._spaces(self.entries))
         book.parent = book.tracker.start_run(cfg.name, tags, params=params)
+        self._snapshot()
+
+    def _plan_tags(self) -> dict:
+        """What the study plans, as tags (params are write-once, and a resumed study may plan more)."""
+        cfg = self.cfg
+        return {tk.PLAN_TRIALS: cfg.sweep.trials, tk.PLAN_SEEDS: json.dumps(cfg.confirm.seeds),  # as the params
+                tk.PLAN_LOSSES: json.dumps([e.key for e in self.entries])}
+
+    @staticmethod
+    def _spaces(entries: list[ResolvedEntry]) -> dict:
+        """The search spaces, so reports can rebuild each Optuna study from the tracker alone."""
+        return {tk.safe_key(f"space.{e.key}"): {k: v.model_dump(exclude_none=True) for k, v in e.space.items()}
+                for e in entries}
+
+    def _snapshot(self) -> None:
         snapshot = self.paths.out / "study.yaml"
-        snapshot.write_text(yaml.safe_dump(cfg.compact_dump(), sort_keys=False))
-        book.tracker.log_artifact(book.parent, snapshot)
+        snapshot.write_text(yaml.safe_dump(self.cfg.compact_dump(), sort_keys=False))
+        self.book.tracker.log_artifact(self.book.parent, snapshot)
+
+    def _extend(self, run) -> None:
+        """The study file differs from the one this study run was started with: more trials, confirm seeds or
+        losses are run (only what is new); anything else is refused, naming each field that differs."""
+        cfg, tracker = self.cfg, self.book.tracker
+        old = old_study(tracker.read_text(run.info.run_id, "study.yaml"), f"{self.paths.out} (study run)")
+        changes = compare(old, cfg)
+        if changes.refused:
+            raise KdbenchError(
+                f"{self.paths.out}: holds study {cfg.name!r} with a different configuration: "
+                f"{'; '.join(changes.refused)}; use --out for a new output directory (more trials, confirm seeds or "
+                f"losses are the changes a study can take)")
+        old_keys = {e.key for e in old.losses}
+        tracker.log_params(run.info.run_id, self._spaces([e for e in self.entries if e.key not in old_keys]))
+        tracker.set_tags(run.info.run_id, {tk.CONFIG_HASH: cfg.fingerprint(), **self._plan_tags()})
+        self._snapshot()
+        self.progress.say(f"extending study {cfg.name!r}: {'; '.join(changes.extended)}")
 
     def _attach_parent(self) -> None:
         """A worker joins the study run its coordinator created (waiting for it a while)."""
@@ -240,7 +271,8 @@ class StudyRunner:
 
 def run_study(cfg: StudyConfig, entries: list[ResolvedEntry], out=None, report_dir=None, tracking_uri=None,
               storage=None, quiet: bool = False, worker: bool = False, workers: int = 1,
-              gpus: Optional[list[str]] = None) -> StudySummary:
+              gpus: Optional[list[str]] = None, log_every: float = 30.0) -> StudySummary:
     """Run a checked study (``entries`` from :func:`kdbench.study.checks.check_study`); no report is written."""
     paths = StudyPaths.resolve(cfg, out, report_dir, tracking_uri, storage)
-    return StudyRunner(cfg, entries, paths, quiet=quiet, worker=worker, workers=workers, gpus=gpus).run()
+    return StudyRunner(cfg, entries, paths, quiet=quiet, worker=worker, workers=workers, gpus=gpus,
+                       log_every=log_every).run()

@@ -22,6 +22,9 @@ from kdbench.sweep.storage import has_heartbeat
 REASON, PAPER_DEFAULTS, MLFLOW_RUN = "kdbench.reason", "kdbench.paper_defaults", "mlflow_run_id"
 
 
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
 class TrialFailed(Exception):
     """A trial that failed for a reason that must not stop the study (e.g. CUDA out of memory)."""
 
@@ -79,6 +82,15 @@ def open_sweep(storage, name: str, sampler, pruner, slots: int, first: dict[str,
     for _ in range(slots - 1):
         study.enqueue_trial({})
     return study
+
+
+def add_slots(study: optuna.Study, slots: int) -> int:
+    """Enqueue WAITING trials until the sweep holds ``slots`` (a retried copy of a dead worker's trial fills no new
+    slot); returns how many were added. Not atomic across processes: only the coordinator calls it."""
+    taken = sum(1 for t in study.get_trials(deepcopy=False) if "failed_trial" not in t.system_attrs)
+    for _ in range(slots - taken):
+        study.enqueue_trial({})
+    return max(0, slots - taken)
 
 
 def pending(study: optuna.Study) -> int:

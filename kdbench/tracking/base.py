@@ -46,6 +46,10 @@ class Tracker(ABC):
     def log_artifact(self, run_id: str, path: Path, artifact_path: Optional[str] = None) -> None: ...
 
     @abstractmethod
+    def read_text(self, run_id: str, artifact_path: str) -> str:
+        """The text of one of the run's artifacts."""
+
+    @abstractmethod
     def log_model(self, run_id: str, model: Any, input_example: Any, pip_requirements: list[str]) -> None:
         """A final trained model as a loadable model of the store (never per trial)."""
 
