@@ -28,6 +28,7 @@ def _cmd_run(args) -> int:
     print(f"  MLflow runs : {uri}  (experiment {s.experiment!r}, study run {s.parent_run_id})")
     if uri.startswith("sqlite:///"):
         print(f"                mlflow ui --backend-store-uri {uri}")
+    print(f"                {mask_secrets(s.ui_link)}   (the runs as training runs, in order)")
     print(f"  Optuna      : {mask_secrets(s.paths.storage)}  (one study per loss: {s.name}.<loss>)")
     print(f"  output dir  : {s.paths.out}")
     return 0

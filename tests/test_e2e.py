@@ -118,7 +118,7 @@ def test_rerun_resumes_without_new_runs_and_report_is_stable(tiny_run, capsys):
 
 def test_changed_study_in_same_dir_is_refused(tiny_run, capsys):
     root, _ = tiny_run
-    changed = dict(TINY, sweep={"trials": 3, "seed": 0})  # a changed study
+    changed = dict(TINY, sweep={"trials": 2, "seed": 1})  # another sampler seed: another experiment
     path = root / "changed.yaml"
     path.write_text(yaml.safe_dump(changed))
     cwd = os.getcwd()
@@ -128,7 +128,7 @@ def test_changed_study_in_same_dir_is_refused(tiny_run, capsys):
     finally:
         os.chdir(cwd)
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "different configuration" in err[0] and "--out" in err[0]
+    assert len(err) == 1 and "different configuration: sweep.seed: 0 → 1;" in err[0] and "--out" in err[0]
 
 
 MULTI = {

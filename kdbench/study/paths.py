@@ -39,6 +39,7 @@ class StudySummary:
     parent_run_id: str
     coordinator: bool  # False for a worker: the coordinator writes the report
     teacher_source: str
+    ui_link: str = ""  # the study's runs in the tracker's UI (mlflow ui on its default port for a local store)
     leaderboard: Optional[Path] = None  # set once the report is written
 
 

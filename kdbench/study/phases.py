@@ -36,8 +36,11 @@ class Phases:
         self.provider: Optional[TeacherProvider] = None
         self._counted: set[str] = set()
 
-    def _who(self, st) -> str:
-        return f"[{st.key}] " if len(self.cfg.students) > 1 else ""
+    def _who(self, st, run: bool = False) -> str:
+        """The student in a log line (``[a] ``) or a run name (``a ``), when the study has several."""
+        if len(self.cfg.students) == 1:
+            return ""
+        return f"{st.key} " if run else f"[{st.key}] "
 
     # -- teachers -----------------------------------------------------------------------------------------------
     def teachers(self, data: DataBundle, record: bool) -> list[TeacherInfo]:
@@ -62,7 +65,8 @@ class Phases:
             self.progress.done(f"{name}: {info.source}, test_acc {info.test_acc:.4f}")
             return model, info
         tags = book.tags("teacher", **{tk.LOSS: "teacher", tk.TEACHER_INDEX: index})
-        with book.child(name, tags) as run_id:
+        run_name = f"1 teacher {index:02d} {t.model}" if len(cfg.teachers) > 1 else f"1 teacher {t.model}"
+        with book.child(run_name, tags) as run_id:
             model, info = get(on_epoch=book.epoch_logger(run_id), progress=self.progress.epoch)
             tracker = book.tracker
             if info.source != "trained":  # its epochs were logged when it was trained; record them here too
@@ -124,7 +128,8 @@ class Phases:
         seed = self.cfg.sweep.seed
         tags = self.book.tags("baseline", **{tk.LOSS: BASELINE, tk.SEED: seed, tk.STUDENT: st.key})
         desc = f"{self._who(st)}baseline ce"
-        with self.book.child(desc, tags, params={"run.loss": BASELINE, "run.seed": seed, "alpha": 0.0,
+        with self.book.child(f"2 baseline {self._who(st, run=True)}ce", tags,
+                             params={"run.loss": BASELINE, "run.seed": seed, "alpha": 0.0,
                                                  "run.student": st.model}) as run_id:
             result = self.train_student(data, st, None, None, seed, run_id, desc)
         self.progress.done(f"{desc}: val_acc {result.selected(self.cfg.sweep.select).val_acc:.4f}")
@@ -159,7 +164,8 @@ class Phases:
                                          tk.OPTUNA_STUDY: study.study_name, tk.TRIAL: trial.number,
                                          tk.STUDENT: st.key, tk.WORKER: WORKER_ID})
             desc = f"{self._who(st)}{entry.key} trial {trial.number}"
-            with book.child(desc, tags, params={"run.loss": entry.name, "run.student": st.model,
+            run_name = f"3 trial {self._who(st, run=True)}{entry.key} {trial.number:03d}"
+            with book.child(run_name, tags, params={"run.loss": entry.name, "run.student": st.model,
                                                 "run.seed": cfg.sweep.seed, **values}) as run_id:
                 trial.set_user_attr(MLFLOW_RUN, run_id)
                 try:
@@ -208,7 +214,8 @@ class Phases:
                 params = {"run.loss": entry.name if entry else BASELINE, "run.seed": seed, "run.student": st.model,
                           **(values or {"alpha": 0.0})}
                 desc = f"{self._who(st)}confirm {key} seed {seed}"
-                with book.child(desc, tags, params=params) as run_id:
+                run_name = f"4 confirm {self._who(st, run=True)}{key} seed {seed:02d}"
+                with book.child(run_name, tags, params=params) as run_id:
                     ckpt = self.paths.out / "checkpoints" / st.key / f"{key}-seed{seed}.safetensors"
                     result = self.train_student(data, st, entry, values, seed, run_id, desc, eval_test=True,
                                                 checkpoint=ckpt)

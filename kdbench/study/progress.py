@@ -1,4 +1,4 @@
-"""What a running study tells people: Python ``logging`` lines (logger ``kdbench.run``) for every run's start and
+"""What a running study tells people: Python ``logging`` lines (under the ``kdbench`` logger) for every run's start and
 end, an epoch line at most every ``every_s`` seconds (every epoch with ``verbose``), each with the run, its epoch,
 its metric and an ETA for the study; with a terminal, tqdm bars over the study's runs and the current run's epochs.
 
@@ -14,7 +14,7 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
-log = logging.getLogger("kdbench.run")
+log = logging.getLogger(__name__)  # under "kdbench", which the CLI routes
 
 
 class _TqdmHandler(logging.StreamHandler):

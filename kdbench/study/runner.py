@@ -73,7 +73,9 @@ class StudyRunner:
             self.progress.close()
             if coordinator:
                 lease.release()
-        return StudySummary(cfg.name, paths, self.experiment, self.book.parent, coordinator, sources)
+        uri = paths.tracking_uri
+        link = self.book.tracker.ui_link(uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000")
+        return StudySummary(cfg.name, paths, self.experiment, self.book.parent, coordinator, sources, link)
 
     def _open_stores(self):
         """The output directory, the Optuna storage and the tracker; an unreachable store leaves nothing behind,
@@ -165,6 +167,9 @@ class StudyRunner:
             book.parent = run.info.run_id
             if run.data.tags.get(tk.CONFIG_HASH) != cfg.fingerprint():
                 self._extend(run)
+            note = cfg.description or f"kdbench study {cfg.name}"  # the description may change (not in the hash)
+            book.tracker.set_tags(book.parent, {tk.NOTE: note})
+            book.tracker.set_experiment_description(note)
             book.tracker.reopen(book.parent)
             self.progress.say(f"resuming study {cfg.name!r} (MLflow run {book.parent})")
             return
@@ -179,7 +184,8 @@ class StudyRunner:
                   for k, v in flatten(cfg.compact_dump(exclude={"losses"})).items()}
         params["losses"] = [e.key for e in self.entries]
         params.update(self._spaces(self.entries))
-        book.parent = book.tracker.start_run(cfg.name, tags, params=params)
+        book.parent = book.tracker.start_run(f"0 study {cfg.name}", tags, params=params)
+        book.tracker.set_experiment_description(tags[tk.NOTE])
         self._snapshot()
 
     def _plan_tags(self) -> dict:

@@ -28,7 +28,8 @@ class RunBook:
     @contextlib.contextmanager
     def child(self, name: str, tags: dict[str, Any], params: Optional[dict] = None) -> Iterator[str]:
         """A child run that ends FINISHED, FAILED or KILLED according to how its block ends; a pruned trial ends
-        FINISHED with its state tag PRUNED."""
+        FINISHED with its state tag PRUNED. Run names start with the phase's number (``1 teacher``, ``2 baseline``,
+        ``3 trial``, ``4 confirm``, zero-padded counters) so the tracker's runs table reads in order sorted by name."""
         run_id = self.tracker.start_run(name, tags, parent=self.parent, params=params, synchronous=False)
         try:
             yield run_id

@@ -16,6 +16,14 @@ class Tracker(ABC):
     experiment_id: str
 
     @abstractmethod
+    def set_experiment_description(self, text: str) -> None:
+        """The description the tracker's UI shows for the experiment."""
+
+    @abstractmethod
+    def ui_link(self, base: str) -> str:
+        """Where the tracker's UI served at ``base`` shows the experiment's runs."""
+
+    @abstractmethod
     def start_run(self, name: str, tags: dict[str, Any], parent: Optional[str] = None,
                   params: Optional[dict[str, Any]] = None, synchronous: bool = True) -> str:
         """A new RUNNING run with its tags (and params); returns its id."""

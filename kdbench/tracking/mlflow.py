@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -26,12 +27,19 @@ from typing import Any, Optional
 
 from kdbench.errors import KdbenchError, mask_secrets
 from kdbench.tracking.base import Tracker
-from kdbench.tracking.tags import FIND_KEYS, PARENT, ROLE
+from kdbench.tracking.tags import EXPERIMENT_KIND, FIND_KEYS, KIND_TRAINING, NOTE, PARENT, ROLE
 from kdbench.sweep.sqlite_wal import set_wal, wal_file
 
 
 _log = logging.getLogger(__name__)
 _WRITERS: "weakref.WeakSet[_Writer]" = weakref.WeakSet()  # waited for at interpreter exit
+# Experiment tags that make the MLflow UI treat a study as model training, not as a GenAI app.
+EXPERIMENT_TAGS = {EXPERIMENT_KIND: KIND_TRAINING}
+# The runs table in MLflow 3.17's "Model training" view, sorted by run name. That view is chosen by the page's
+# workflowType (the URL's, else the one the browser last toggled, GenAI by default), not by the experiment's kind
+# tag, so links to the runs name it. Sorting by name lists child runs as rows (the UI nests them only when sorted
+# by creation time, parents collapsed).
+UI_RUNS_VIEW = "runs?workflowType=machine_learning&orderByKey=tags.%60mlflow.runName%60&orderByAsc=true"
 EXIT_WAIT_S = 120.0  # the longest the exit hook waits for queued batches
 
 
@@ -157,15 +165,28 @@ class MlflowTracker(Tracker):
                 raise KdbenchError(f"tracking: no MLflow experiment {experiment!r} at {mask_secrets(uri)}")
             if exp is None:
                 location = artifact_dir.resolve().as_uri() if artifact_dir is not None else None
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location,
+                                                                   tags=EXPERIMENT_TAGS)
             else:
                 self.experiment_id = exp.experiment_id
+                if create:  # a store written before these tags existed is tagged when a study opens it again
+                    for k, v in EXPERIMENT_TAGS.items():
+                        if exp.tags.get(k) != v:
+                            self.client.set_experiment_tag(self.experiment_id, k, v)
         except KdbenchError:
             raise
         except Exception as e:  # unreachable server, bad URI, locked database ...
             raise KdbenchError(f"tracking: cannot open MLflow store {mask_secrets(uri)}: {mask_secrets(str(e)).splitlines()[0]}") from None
         self.experiment = experiment
         self._writer = _Writer(self.client)  # for log_metrics(..., synchronous=False)
+
+    def set_experiment_description(self, text: str) -> None:
+        """The experiment's description in the MLflow UI (experiment header and experiments list)."""
+        self.client.set_experiment_tag(self.experiment_id, NOTE, text[:20000])  # MLflow's experiment tag limit
+
+    def ui_link(self, base: str = "http://127.0.0.1:5000") -> str:
+        """Where ``mlflow ui`` (served at ``base``) shows this experiment's runs as training runs."""
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/{UI_RUNS_VIEW}"
 
     # -- runs -------------------------------------------------------------------------------------------------
     def start_run(self, name: str, tags: dict[str, Any], parent: Optional[str] = None,
@@ -246,6 +267,22 @@ class MlflowTracker(Tracker):
             token = page.token
             if not token:
                 return runs
+
+    def read_text(self, run_id: str, artifact_path: str) -> str:
+        import tempfile
+
+        from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+
+        bar = os.environ.get(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name)
+        os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = "false"  # a bar on stderr for one small file
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                return Path(self.client.download_artifacts(run_id, artifact_path, tmp)).read_text()
+        finally:
+            if bar is None:
+                os.environ.pop(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name, None)
+            else:
+                os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = bar
 
     def get_run(self, run_id: str):
         return self.client.get_run(run_id)

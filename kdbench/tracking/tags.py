@@ -36,6 +36,14 @@ TEACHERS = "kdbench.teachers"
 STUDENTS = "kdbench.students"
 TEACHER_OUTPUTS = "kdbench.teacher_outputs"
 NOTE = "mlflow.note.content"  # shown by the MLflow UI as the run's description
+# what the study plans now (params are write-once; a resumed study may add trials, seeds and losses)
+PLAN_TRIALS = "kdbench.plan.trials"
+PLAN_SEEDS = "kdbench.plan.seeds"  # as the study file says: a count or a JSON list
+PLAN_LOSSES = "kdbench.plan.losses"  # JSON list of the entries' keys
+
+# the experiment (experiment tags; NOTE as an experiment tag is the experiment's description)
+EXPERIMENT_KIND = "mlflow.experimentKind"  # the experiment's kind to the MLflow UI (see MlflowTracker.ui_link)
+KIND_TRAINING = "custom_model_development"  # the UI's "Machine learning" kind (not "genai_development")
 
 # teachers and final students
 TEACHER_SOURCE = "kdbench.teacher_source"
