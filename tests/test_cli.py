@@ -88,8 +88,14 @@ def test_report_without_store_is_one_line(tmp_path, capsys):
 def test_losses_table_and_json(capsys):
     assert main(["losses"]) == 0
     table = capsys.readouterr().out
+    assert [line.split()[0] for line in table.splitlines()[1:len(list_losses()) + 1]] == list_losses()
+    assert main(["losses", "--wide"]) == 0
+    wide = capsys.readouterr().out
     for name in list_losses():
-        assert f"| {name} " in table
+        assert f"| {name} " in wide
+    assert "arXiv:1503.02531" in wide and "temperature [1, 10, log]" in wide
+    assert main(["losses", "--family", "self"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[0] == "uskd"
     assert main(["losses", "--json"]) == 0
     cards = json.loads(capsys.readouterr().out)
     assert [c["name"] for c in cards] == list_losses()
