@@ -62,7 +62,7 @@ class Phases:
         self.progress.start(name, t.epochs)
         if not record or book.finished(role="teacher", teacher_index=index):
             model, info = get()
-            self.progress.done(f"{name}: {info.source}, test_acc {info.test_acc:.4f}")
+            self.progress.done(f"{name}: {info.source}, test_acc {info.test_acc:.4f}", eta=False)
             return model, info
         tags = book.tags("teacher", **{tk.LOSS: "teacher", tk.TEACHER_INDEX: index})
         run_name = f"1 teacher {index:02d} {t.model}" if len(cfg.teachers) > 1 else f"1 teacher {t.model}"
@@ -79,7 +79,7 @@ class Phases:
             tracker.log_metrics(run_id, {"selected_val_acc": info.val_acc, "selected_test_acc": info.test_acc,
                                          "train_seconds": info.seconds})
         self.progress.done(f"{name}: {info.source} ({info.path}), val_acc {info.val_acc:.4f}, "
-                           f"test_acc {info.test_acc:.4f}")
+                           f"test_acc {info.test_acc:.4f}", eta=False)
         return model, info
 
     def teacher_needs(self) -> frozenset:

@@ -63,9 +63,8 @@ class Progress:
 
     def eta(self) -> str:
         left = max(0, self.total - self.finished)
-        if not self.ran:
-            return f"{left} runs left"
-        return f"{left} runs left, ETA {_duration(left * self.worked / self.ran)}"
+        runs = f"{left} run{'' if left == 1 else 's'} left"
+        return f"{runs}, ETA {_duration(left * self.worked / self.ran)}" if self.ran else runs
 
     def start(self, desc: str, epochs: int) -> None:
         self.desc, self.epochs = desc, epochs
@@ -89,12 +88,13 @@ class Progress:
             log.log(level, "%s: epoch %d/%d val_acc %.4f%s train_loss %.4f (%s; %s)", self.desc, stats.epoch,
                     self.epochs, stats.val_acc, test, stats.train_loss, _duration(now - self.started), self.eta())
 
-    def done(self, line: str) -> None:
-        """The current run ended (or was found finished): its summary line."""
+    def done(self, line: str, eta: bool = True) -> None:
+        """The current run ended (or was found finished): its summary line. ``eta=False``: a run unlike the study's
+        remaining ones (a teacher), whose duration says nothing about theirs."""
         if self.epoch_bar is not None:
             self.epoch_bar.close()
             self.epoch_bar = None
-        if self.trained:  # a run that trained here, not one loaded from a cache
+        if self.trained and eta:  # a run that trained here, not one loaded from a cache
             self.worked += time.monotonic() - self.started
             self.ran += 1
         self.trained = False
