@@ -2,37 +2,31 @@
 confirm runs; metrics logged once per epoch in a single ``log_batch`` call.
 
 Per-epoch metrics can be queued (``log_metrics(..., synchronous=False)``) so that the training thread does not wait
-for the store: one writer thread per tracker sends them, in order, as the same ``log_batch`` call a few milliseconds
-later. ``flush`` waits for a run's queued batches (raising or reporting the ones that failed); ``end_run`` flushes
-before it ends the run, ``find`` before it queries the store, and an exit hook at interpreter exit. (MLflow's own
-``log_batch(synchronous=False)`` queue is not used: ``MlflowClient.set_terminated`` shuts that queue down at every
-run end, which joins its thread for up to a second, and its ten worker threads write one run's batches
-concurrently.)
+for the store: one writer thread per tracker (:mod:`kdbench.tracking.writer`) sends them, in order, as the same
+``log_batch`` call a few milliseconds later. ``flush`` waits for a run's queued batches (raising or reporting the ones
+that failed); ``end_run`` flushes before it ends the run, ``find`` before it queries the store, and an exit hook at
+interpreter exit.
 
 Tags (:mod:`kdbench.tracking.tags`) link runs to their study, role, loss entry, seed and Optuna trial, so reports can
 be rebuilt from MLflow alone. This is the only module of kdbench that imports mlflow.
 """
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import os
-import queue
-import threading
 import time
-import weakref
 from pathlib import Path
 from typing import Any, Optional
 
 from kdbench.errors import KdbenchError, mask_secrets
 from kdbench.tracking.base import Tracker
+from kdbench.tracking.writer import Writer
 from kdbench.tracking.tags import EXPERIMENT_KIND, FIND_KEYS, KIND_TRAINING, NOTE, PARENT, ROLE
 from kdbench.sweep.sqlite_wal import set_wal, wal_file
 
 
 _log = logging.getLogger(__name__)
-_WRITERS: "weakref.WeakSet[_Writer]" = weakref.WeakSet()  # waited for at interpreter exit
 # Experiment tags that make the MLflow UI treat a study as model training, not as a GenAI app.
 EXPERIMENT_TAGS = {EXPERIMENT_KIND: KIND_TRAINING}
 # The runs table in MLflow 3.17's "Model training" view, sorted by run name. That view is chosen by the page's
@@ -40,7 +34,6 @@ EXPERIMENT_TAGS = {EXPERIMENT_KIND: KIND_TRAINING}
 # tag, so links to the runs name it. Sorting by name lists child runs as rows (the UI nests them only when sorted
 # by creation time, parents collapsed).
 UI_RUNS_VIEW = "runs?workflowType=machine_learning&orderByKey=tags.%60mlflow.runName%60&orderByAsc=true"
-EXIT_WAIT_S = 120.0  # the longest the exit hook waits for queued batches
 
 
 def quiet_mlflow_logs() -> None:
@@ -65,86 +58,6 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-class _Writer:
-    """A queue of ``log_batch`` calls sent, in order, by one daemon thread through ``client``. The thread starts with
-    the first batch and stops after ``idle_s`` without one. Counts of queued batches per run and the errors of
-    failed ones are kept until ``wait`` collects them."""
-
-    def __init__(self, client, idle_s: float = 10.0):
-        self.client, self.idle_s = client, idle_s
-        self.queue: queue.Queue = queue.Queue()
-        self.cond = threading.Condition()
-        self.queued: dict[str, int] = {}  # run id -> batches not yet written
-        self.errors: dict[str, list[str]] = {}
-        self.thread: Optional[threading.Thread] = None
-
-    def put(self, run_id: str, **batch: list) -> None:
-        """Queue ``client.log_batch(run_id, **batch)`` (``metrics``, ``params`` and/or ``tags``)."""
-        with self.cond:
-            self.queued[run_id] = self.queued.get(run_id, 0) + 1
-            self.queue.put((run_id, batch))
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._loop, name="kdbench-mlflow-writer", daemon=True)
-                self.thread.start()
-                _WRITERS.add(self)
-
-    def _loop(self) -> None:
-        while True:
-            try:
-                run_id, batch = self.queue.get(timeout=self.idle_s)
-            except queue.Empty:
-                with self.cond:  # put() queues under this lock: nothing can arrive unseen
-                    if self.queue.empty():
-                        self.thread = None
-                        return
-                continue
-            error = None
-            try:
-                self.client.log_batch(run_id, **batch)
-            except BaseException as e:  # reported by wait(); the queue goes on with the next batch
-                error = mask_secrets(str(e)).splitlines()[0][:500] if str(e) else type(e).__name__
-            with self.cond:
-                if error is not None:
-                    self.errors.setdefault(run_id, []).append(error)
-                self.queued[run_id] -= 1
-                if not self.queued[run_id]:
-                    del self.queued[run_id]
-                self.cond.notify_all()
-
-    def wait(self, run_id: Optional[str] = None, timeout: Optional[float] = None,
-             collect: bool = True) -> tuple[list[str], int]:
-        """Block until the batches queued for ``run_id`` (for any run if None) are written; returns the errors of
-        those that failed (and forgets them; with ``collect=False`` they are kept, for the run's own flush) and how
-        many are still queued (non-zero only after a ``timeout``)."""
-        def done() -> bool:
-            return run_id not in self.queued if run_id is not None else not self.queued
-
-        with self.cond:
-            self.cond.wait_for(done, timeout)
-            if not collect:
-                return [], sum(self.queued.values()) if run_id is None else self.queued.get(run_id, 0)
-            if run_id is None:
-                errors = [f"run {r}: {e}" for r, es in self.errors.items() for e in es]
-                self.errors.clear()
-                left = sum(self.queued.values())
-            else:
-                errors = [f"run {run_id}: {e}" for e in self.errors.pop(run_id, [])]
-                left = self.queued.get(run_id, 0)
-        return errors, left
-
-
-def _flush_at_exit() -> None:
-    """Daemon threads still run while exit hooks do: let queued batches land, report the ones that did not."""
-    for writer in list(_WRITERS):
-        errors, left = writer.wait(timeout=EXIT_WAIT_S)
-        if errors or left:
-            _log.warning(f"tracking: at exit, {len(errors)} queued MLflow batch(es) failed and {left} were not "
-                         f"written: " + "; ".join(errors[:3]))
-
-
-atexit.register(_flush_at_exit)
 
 
 class MlflowTracker(Tracker):
@@ -178,7 +91,7 @@ class MlflowTracker(Tracker):
         except Exception as e:  # unreachable server, bad URI, locked database ...
             raise KdbenchError(f"tracking: cannot open MLflow store {mask_secrets(uri)}: {mask_secrets(str(e)).splitlines()[0]}") from None
         self.experiment = experiment
-        self._writer = _Writer(self.client)  # for log_metrics(..., synchronous=False)
+        self._writer = Writer(self.client)  # for log_metrics(..., synchronous=False)
 
     def set_experiment_description(self, text: str) -> None:
         """The experiment's description in the MLflow UI (experiment header and experiments list)."""
