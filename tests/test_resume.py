@@ -125,6 +125,8 @@ def test_any_other_change_is_refused_naming_the_fields(finished, capsys):
         "sweep.trials: 2 → 1 (trials can be added, not taken back)" in err
     assert "losses[kd].params.temperature: (unset) → 2.0" in err
     assert len(runs(out, "trial")) == n
+    (study,) = runs(out, "study")
+    assert study.info.status == "FINISHED"  # the refused run touched nothing
 
 
 def test_losses_on_a_closed_pipe_and_within_100_columns():

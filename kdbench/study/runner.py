@@ -164,9 +164,9 @@ class StudyRunner:
         existing = book.tracker.find(role="study", study=cfg.name)
         if existing:
             run = existing[0]
-            book.parent = run.info.run_id
             if run.data.tags.get(tk.CONFIG_HASH) != cfg.fingerprint():
-                self._extend(run)
+                self._extend(run)  # a refused change raises before the study run is touched
+            book.parent = run.info.run_id
             note = cfg.description or f"kdbench study {cfg.name}"  # the description may change (not in the hash)
             book.tracker.set_tags(book.parent, {tk.NOTE: note})
             book.tracker.set_experiment_description(note)
@@ -186,7 +186,7 @@ class StudyRunner:
         params.update(self._spaces(self.entries))
         book.parent = book.tracker.start_run(f"0 study {cfg.name}", tags, params=params)
         book.tracker.set_experiment_description(tags[tk.NOTE])
-        self._snapshot()
+        self._snapshot(book.parent)
 
     def _plan_tags(self) -> dict:
         """What the study plans, as tags (params are write-once, and a resumed study may plan more)."""
@@ -200,10 +200,11 @@ class StudyRunner:
         return {tk.safe_key(f"space.{e.key}"): {k: v.model_dump(exclude_none=True) for k, v in e.space.items()}
                 for e in entries}
 
-    def _snapshot(self) -> None:
+    def _snapshot(self, run_id: str) -> None:
+        """The study file as run, beside the runs and as an artifact of the study run (workers and resumes read it)."""
         snapshot = self.paths.out / "study.yaml"
         snapshot.write_text(yaml.safe_dump(self.cfg.compact_dump(), sort_keys=False))
-        self.book.tracker.log_artifact(self.book.parent, snapshot)
+        self.book.tracker.log_artifact(run_id, snapshot)
 
     def _extend(self, run) -> None:
         """The study file differs from the one this study run was started with: more trials, confirm seeds or
@@ -219,7 +220,7 @@ class StudyRunner:
         old_keys = {e.key for e in old.losses}
         tracker.log_params(run.info.run_id, self._spaces([e for e in self.entries if e.key not in old_keys]))
         tracker.set_tags(run.info.run_id, {tk.CONFIG_HASH: cfg.fingerprint(), **self._plan_tags()})
-        self._snapshot()
+        self._snapshot(run.info.run_id)
         self.progress.say(f"extending study {cfg.name!r}: {'; '.join(changes.extended)}")
 
     def _attach_parent(self) -> None:
