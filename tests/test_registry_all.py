@@ -230,7 +230,7 @@ def test_non_editable_install_has_every_card(tmp_path):
                           "--quiet", "--target", str(site), str(src)], capture_output=True, text=True, timeout=300)
     assert pip.returncode == 0, pip.stdout + pip.stderr
     expected = sorted(p.stem for p in (REPO / "kdbench" / "losses" / "cards").glob("*.yaml"))
-    assert len(expected) == 25
+    assert expected == NAMES and len(expected) >= 25  # every registry entry (25 in the seed catalogue, more since)
     code = ("import json, kdbench.losses.card as c; names = c.card_names(); "
             "print(json.dumps([c.__file__, names, [c.load_card(n).name for n in names]]))")
     env = {**os.environ, "PYTHONPATH": str(site)}

@@ -170,3 +170,21 @@ def setup_embedding_projector(loss: nn.Module, student: Outputs, teacher: Output
     loss._dims = (s.shape[1], t.shape[1])
     loss.proj = linear_projector(*loss._dims, device=s.device)
     loss._ready = True
+
+
+def check_gamma(gamma: float) -> float:
+    """The exponent of a power-transformed teacher (TTM, WTTM): finite and > 0."""
+    if not (math.isfinite(gamma) and gamma > 0):
+        raise KdbenchError(f"gamma must be a finite number > 0, got {gamma}")
+    return float(gamma)
+
+
+def power_transformed(z_t: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+    """(log q, log w) of the teacher's softmax raised to ``gamma`` (TTM/WTTM): q = p_t^γ / Σ p_t^γ, which is
+    softmax(γ·z_t), and w = Σ_c p_t,c^γ, in log space (log w = logsumexp(γ·z) − γ·logsumexp(z)): exact where
+    p_t underflows to 0 in the reference's ``torch.pow(softmax(z), γ)``."""
+    z = z_t.float()
+    log_q = F.log_softmax(gamma * z, dim=1)
+    log_w = torch.logsumexp(gamma * z, dim=1) - gamma * torch.logsumexp(z, dim=1)
+    return log_q, log_w
+
