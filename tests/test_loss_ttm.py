@@ -1,6 +1,6 @@
 """ttm and wttm (Zheng & Yang, ICLR 2024) against the reference implementation's formula (zkxufo/TTM
 ``distiller_zoo/TTM.py``: torch.pow(softmax(z_t), l), renormalised; KL summed over classes; batch mean, WTTM
-weighted by the normaliser), in float64."""
+weighted by the normaliser), the reference in float64 (the losses compute in float32)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,10 +31,10 @@ def test_value_and_gradient_equal_the_reference(name, weighted, gamma, logits):
     b = zs.double().clone().requires_grad_(True)
     ours = create_loss(name, gamma=gamma)(out(a), out(zt.double()))
     ref = reference(b, zt.double(), gamma, weighted)
-    assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
     ours.backward()
     ref.backward()
-    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)  # ours computes in float32
 
 
 def test_ttm_at_gamma_one_is_kd_at_t_one(logits):

@@ -5,17 +5,14 @@ c ≠ y. KD = TCKD + (1 − p^t_y)·NCKD, so alpha = beta = 1 bounds KD from abo
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdbench.errors import KdbenchError
 from kdbench.losses._registry import register_loss
 from kdbench.losses.base import DistillLoss
-from kdbench.losses.functional import (LN2, LOG2E, check_classes, check_temperature, first_order_only, hard_labels,
-                                       non_target_exp2)
+from kdbench.losses.functional import (LN2, LOG2E, check_classes, check_temperature, check_weight, first_order_only,
+                                       hard_labels, non_target_exp2, warmup_factor)
 
 
 class _DKDRows(torch.autograd.Function):
@@ -56,27 +53,17 @@ class _DKDRows(torch.autograd.Function):
         return out.scatter_(1, y1, delta_a), None, None, None, None, None, None
 
 
-def _check_weight(name: str, value: float) -> float:
-    if not (math.isfinite(value) and value >= 0):
-        raise KdbenchError(f"{name} must be a finite number >= 0, got {value}")
-    return float(value)
-
-
 @register_loss("dkd")
 class DKDLoss(DistillLoss):
     def __init__(self, temperature: float, alpha: float, beta: float, warmup: float):
         super().__init__()
         self.temperature = check_temperature(temperature)
-        self.alpha = _check_weight("alpha", alpha)  # TCKD weight, not the study-level CE/loss mix
-        self.beta = _check_weight("beta", beta)
-        self.warmup = _check_weight("warmup", warmup)
+        self.alpha = check_weight("alpha", alpha)  # TCKD weight, not the study-level CE/loss mix
+        self.beta = check_weight("beta", beta)
+        self.warmup = check_weight("warmup", warmup)
 
     def warmup_factor(self, epoch) -> float:
-        """min(epoch_ref / warmup, 1) with mdistiller's 1-based epoch_ref = floor(epoch) + 1, since our epoch is
-        0-based and fractional: the whole first epoch gets 1/warmup, as in the reference. None means warmed up."""
-        if epoch is None or self.warmup == 0:
-            return 1.0
-        return min((math.floor(epoch) + 1) / self.warmup, 1.0)
+        return warmup_factor(epoch, self.warmup)
 
     def per_sample(self, student, teacher, labels, epoch):
         zs = student.logits.float()

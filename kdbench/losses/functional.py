@@ -188,3 +188,28 @@ def power_transformed(z_t: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
     log_w = torch.logsumexp(gamma * z, dim=1) - gamma * torch.logsumexp(z, dim=1)
     return log_q, log_w
 
+
+def check_weight(name: str, value: float) -> float:
+    """A loss's own term weight: finite and >= 0."""
+    if not (math.isfinite(value) and value >= 0):
+        raise KdbenchError(f"{name} must be a finite number >= 0, got {value}")
+    return float(value)
+
+
+def warmup_factor(epoch: Optional[float], warmup: float) -> float:
+    """mdistiller's linear warm-up min(epoch_ref / warmup, 1), with its 1-based epoch_ref = floor(epoch) + 1 since
+    kdbench's epoch is 0-based and fractional: the whole first epoch gets 1/warmup, as in the reference. No epoch
+    (None) or no warm-up (0) means fully on."""
+    if epoch is None or warmup == 0:
+        return 1.0
+    return min((math.floor(epoch) + 1) / warmup, 1.0)
+
+
+def binary_log_probs(z: Tensor, index: Tensor) -> Tensor:
+    """(B, 2) log [p_i, 1 − p_i] of softmax(z) at column ``index`` (B, 1), both in log space (logsumexp of the
+    other columns): finite where p_i rounds to 1. Needs at least 2 classes."""
+    lse = torch.logsumexp(z, dim=1)
+    log_p = z.gather(1, index).squeeze(1) - lse
+    log_rest = torch.logsumexp(z.scatter(1, index, float("-inf")), dim=1) - lse
+    return torch.stack([log_p, log_rest], dim=1)
+

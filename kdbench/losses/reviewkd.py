@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from kdbench.errors import KdbenchError
 from kdbench.losses._registry import register_loss
 from kdbench.losses.base import DistillLoss, LossContext, Outputs
+from kdbench.losses.functional import warmup_factor
 
 MAX_MID_CHANNELS = 512  # the reference's cap on the ABF width
 POOL_SIZES = (4, 2, 1)
@@ -101,10 +102,7 @@ class ReviewKDLoss(DistillLoss):
         self.out_sizes = [tuple(ft.shape[-2:]) for ft in t]
 
     def warmup_factor(self, epoch: Optional[float]) -> float:
-        """min(epoch_ref / warmup, 1), epoch_ref = floor(epoch) + 1 (mdistiller counts from 1); None: warmed up."""
-        if epoch is None or self.warmup == 0:
-            return 1.0
-        return min((math.floor(epoch) + 1) / self.warmup, 1.0)
+        return warmup_factor(epoch, self.warmup)
 
     def fuse(self, student: Outputs) -> list[Tensor]:
         """The ABF outputs, shallow → deep, one per paired level (shaped like the teacher's maps)."""
