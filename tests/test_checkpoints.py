@@ -80,3 +80,22 @@ def test_student_checkpoint_round_trip_with_loss_parts(tmp_path):
     assert any(k.startswith("loss.") for k in state) and any(k.startswith("student.") for k in state)
     fresh = create_model("test_resnet", 10, 1)
     load_into(fresh, {k[8:]: v for k, v in state.items() if k.startswith("student.")}, path, "student")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_get_the_umask_mode_not_safetensors_0600(tmp_path, umask):
+    """A teacher cache shared by a group: the weights are as readable as the JSON beside them."""
+    import os
+    import stat
+
+    from kdbench.engine.checkpoints import atomic_write
+
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "w.safetensors", lambda p: save_file({"x": torch.zeros(2)}, str(p)))
+        atomic_write(tmp_path / "w.json", lambda p: p.write_text("{}"))
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"w.safetensors": 0o666 & ~umask, "w.json": 0o666 & ~umask}
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -16,11 +16,20 @@ from safetensors.torch import load_file, save_file
 from kdbench.errors import KdbenchError
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; restored at once
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file and rename: an interrupted run never leaves a half-written file."""
+    """Write through a temporary file and rename: an interrupted run never leaves a half-written file. The file gets
+    the mode a plain ``open`` would give (0666 minus the umask): safetensors writes 0600, and a teacher cache shared
+    by a group must be readable by it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
 
 
