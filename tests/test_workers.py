@@ -185,7 +185,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_mlflow_server_as_tracking_uri(tmp_path, monkeypatch):
+def test_mlflow_server_as_tracking_uri(tmp_path, monkeypatch, capsys):
     port = _free_port()
     exe = Path(sys.executable).parent / "mlflow"
     server = subprocess.Popen([str(exe), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
@@ -207,7 +207,12 @@ def test_mlflow_server_as_tracking_uri(tmp_path, monkeypatch):
                 time.sleep(1)
         monkeypatch.chdir(tmp_path)
         (tmp_path / "m.yaml").write_text(yaml.safe_dump(study("m", trials=2)))
-        assert main(["run", "m.yaml", "--tracking-uri", uri, "-q"]) == 0
+        # credentials in the URL (the server ignores them): no output stream may show the password, MLflow's own
+        # "View run ... at: <url>" lines included
+        with_password = uri.replace("http://", "http://kd:s3cret-pw@")
+        assert main(["run", "m.yaml", "--tracking-uri", with_password]) == 0
+        printed = capsys.readouterr()
+        assert "s3cret-pw" not in printed.out + printed.err and "kd:***@" in printed.out
         c = MlflowClient(tracking_uri=uri)
         runs = c.search_runs([c.get_experiment_by_name("m").experiment_id], max_results=100)
         roles = sorted(r.data.tags["kdbench.role"] for r in runs)

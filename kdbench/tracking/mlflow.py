@@ -37,6 +37,9 @@ UI_RUNS_VIEW = "runs?workflowType=machine_learning&orderByKey=tags.%60mlflow.run
 
 
 def quiet_mlflow_logs() -> None:
+    # MLflow prints "View run <name> at: <tracking URL>" for every run ended on a server, password included;
+    # kdbench prints its own link, masked
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     import mlflow  # noqa: F401  (its import configures its loggers: quiet them afterwards)
 
     for name in ("alembic", "mlflow", "sqlalchemy"):
