@@ -129,14 +129,26 @@ class CoordinatorLease:
                 self.held = False
                 return
 
-    def _now(self):
+    def _now(self, engine=None):
         """The database's current time in epoch seconds, as a SQL expression (another dialect: this host's clock)."""
-        expr = _DB_EPOCH.get(self._engine.dialect.name)
+        expr = _DB_EPOCH.get((engine or self._engine).dialect.name)
         return sa.literal_column(expr, sa.Double) if expr else sa.literal(time.time(), sa.Double)
 
     def _update(self, where, **values) -> int:
         with self._engine.begin() as c:
             return c.execute(sa.update(LEASES).where(where).values(**values)).rowcount
+
+    def _insert_row(self, engine) -> None:
+        """This study's row, inserted free if missing (separate transactions: on sqlite a read that turns into a
+        write may fail at once as "locked")."""
+        with engine.begin() as c:
+            exists = c.execute(sa.select(LEASES.c.name).where(LEASES.c.name == self.name)).first()
+        if exists is None:
+            try:
+                with engine.begin() as c:
+                    c.execute(sa.insert(LEASES).values(name=self.name, holder=None, beat=self._now(engine)))
+            except sa.exc.IntegrityError:
+                pass  # inserted by another process meanwhile: the UPDATE of claim() decides
 
     def _open(self) -> None:
         """The engine, the table (created if missing) and this study's row (inserted free if missing)."""
@@ -153,21 +165,13 @@ class CoordinatorLease:
                     if wal is not None:
                         set_wal(wal)  # as the Optuna storage does; a no-op when it already did
                     _META.create_all(engine, checkfirst=True)
+                    self._insert_row(engine)
                     break
-                except sa.exc.DBAPIError as e:  # another process created it meanwhile (check, then create)
+                except Exception as e:  # another process is creating the table or the row (check, then create)
                     if attempt + 1 == SCHEMA_RACE_TRIES or not any(m in str(e).lower() for m in _SCHEMA_RACE):
                         raise
                     time.sleep(0.1 * 2 ** attempt)
             self._engine = engine
-            # separate transactions: on sqlite a read that turns into a write may fail at once as "locked"
-            with engine.begin() as c:
-                exists = c.execute(sa.select(LEASES.c.name).where(LEASES.c.name == self.name)).first()
-            if exists is None:
-                try:
-                    with engine.begin() as c:
-                        c.execute(sa.insert(LEASES).values(name=self.name, holder=None, beat=self._now()))
-                except sa.exc.IntegrityError:
-                    pass  # inserted by another process meanwhile: the UPDATE of claim() decides
         except Exception as e:  # unreachable server, missing driver, bad URL
             if engine is not None:
                 engine.dispose()
