@@ -28,7 +28,6 @@ import optuna
 import common
 from kdbench.study.phases import Phases
 from kdbench.sweep import slots as kslots
-from kdbench.tracking import tags as tk
 from kdbench.tracking.mlflow import MlflowTracker
 from kdbench.config import load_study, parse_study
 from kdbench.study.runner import run_study

@@ -15,7 +15,6 @@ from pathlib import Path
 import common
 from bench_bookkeeping import study_config
 from kdbench.report import store as kstore
-from kdbench.tracking import tags as tk
 from kdbench.tracking.mlflow import MlflowTracker
 from kdbench.data import load_data
 from kdbench.study.phases import Phases

@@ -18,7 +18,6 @@ from pydantic import (
 )
 
 from kdbench.config.digests import spec_digest
-from kdbench.errors import KdbenchError
 from kdbench.config.space import SearchParam, StrictModel
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"

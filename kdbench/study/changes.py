@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kdbench.config import StudyConfig, parse_study
+from kdbench.tracking.mlflow import flatten
 
 #: not part of the experiment (where it is stored, how it is described)
 IGNORED = ("tracking", "storage", "description")
@@ -19,14 +20,9 @@ class Changes:
     refused: list[str] = field(default_factory=list)  # every other difference
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}, 'c': {}} -> {'a.b': 1}: an empty mapping is the same as an absent one."""
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: d}
+def _flat(d: dict) -> dict[str, Any]:
+    """``flatten`` (the study run's params) without empty mappings: an empty one is the same as an absent one."""
+    return {k: v for k, v in flatten(d).items() if v != {}}
 
 
 def _show(v: Any) -> str:

@@ -128,9 +128,8 @@ class Phases:
         seed = self.cfg.sweep.seed
         tags = self.book.tags("baseline", **{tk.LOSS: BASELINE, tk.SEED: seed, tk.STUDENT: st.key})
         desc = f"{self._who(st)}baseline ce"
-        with self.book.child(f"2 baseline {self._who(st, run=True)}ce", tags,
-                             params={"run.loss": BASELINE, "run.seed": seed, "alpha": 0.0,
-                                                 "run.student": st.model}) as run_id:
+        params = {"run.loss": BASELINE, "run.seed": seed, "alpha": 0.0, "run.student": st.model}
+        with self.book.child(f"2 baseline {self._who(st, run=True)}ce", tags, params=params) as run_id:
             result = self.train_student(data, st, None, None, seed, run_id, desc)
         self.progress.done(f"{desc}: val_acc {result.selected(self.cfg.sweep.select).val_acc:.4f}")
 

@@ -12,6 +12,7 @@ import threading
 from typing import Any, Callable, Optional
 
 import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from kdbench.sweep.storage import has_heartbeat
@@ -87,7 +88,8 @@ def open_sweep(storage, name: str, sampler, pruner, slots: int, first: dict[str,
 def add_slots(study: optuna.Study, slots: int) -> int:
     """Enqueue WAITING trials until the sweep holds ``slots`` (a retried copy of a dead worker's trial fills no new
     slot); returns how many were added. Not atomic across processes: only the coordinator calls it."""
-    taken = sum(1 for t in study.get_trials(deepcopy=False) if "failed_trial" not in t.system_attrs)
+    retried = RetryHeartbeatStaleTrialCallback.retried_trial_number
+    taken = sum(1 for t in study.get_trials(deepcopy=False) if retried(t) is None)
     for _ in range(slots - taken):
         study.enqueue_trial({})
     return max(0, slots - taken)
