@@ -36,6 +36,9 @@ def _outputs(feats, emb, b, needs, device, gen, grad: bool) -> Outputs:
         logits=r(b, C, scale=3.0 if not grad else 2.0),
         features=[r(b, *s) for s in feats] if "features" in needs else None,
         embedding=r(b, emb) if "embedding" in needs else None,
+        # the classifier over the last stage's grid (B, C, H, W), as the class_maps tap gives it
+        class_maps=r(b, C, *feats[-1][1:]) if "class_maps" in needs else None,
+        preact=[r(b, *s) for s in feats] if "preact" in needs else None,  # pre-ReLU stage maps (OFD)
     )
 
 
@@ -57,16 +60,18 @@ def inputs_for(loss, b: int, device, seed: int = 0):
     needs = loss.needs
     s = _outputs(STUDENT_FEATS, STUDENT_EMB, b, needs, device, gen, grad=True)
     t = _outputs(TEACHER_FEATS, TEACHER_EMB, b, needs, device, gen, grad=False)
-    if "views" in needs:  # one extra augmented view of the same images
-        s.views = [Outputs(embedding=torch.randn(b, STUDENT_EMB, generator=gen).to(device).requires_grad_())]
-        t.views = [Outputs(embedding=torch.randn(b, TEACHER_EMB, generator=gen).to(device))]
+    if "views" in needs:  # one extra augmented view of the same images (logits too: mlkd reads them)
+        s.views = [Outputs(embedding=torch.randn(b, STUDENT_EMB, generator=gen).to(device).requires_grad_(),
+                           logits=(2 * torch.randn(b, C, generator=gen)).to(device).requires_grad_())]
+        t.views = [Outputs(embedding=torch.randn(b, TEACHER_EMB, generator=gen).to(device),
+                           logits=(3 * torch.randn(b, C, generator=gen)).to(device))]
     labels = torch.randint(0, C, (b,), generator=gen).to(device)
     idx = torch.randperm(CTX.num_samples, generator=gen)[:b].to(device)
     return s, t, labels, idx
 
 
 def _leaves(out: Outputs) -> list[torch.Tensor]:
-    ts = [out.logits, out.embedding, *(out.features or [])]
+    ts = [out.logits, out.embedding, out.class_maps, *(out.features or []), *(out.preact or [])]
     for v in out.views or []:
         ts += _leaves(v)
     return [t for t in ts if t is not None]
@@ -75,10 +80,12 @@ def _leaves(out: Outputs) -> list[torch.Tensor]:
 def shapes_text(name: str, loss, b: int) -> str:
     needs = loss.needs
     parts = [f"logits {b}×{C}"]
-    if "features" in needs:
+    if "features" in needs or "preact" in needs:
         parts.append(f"features: {len(STUDENT_FEATS)} stage maps, teacher 4× channels")
     if "embedding" in needs:
         parts.append(f"embedding s {STUDENT_EMB} / t {TEACHER_EMB}")
+    if "class_maps" in needs:
+        parts.append(f"class maps {C}×{STUDENT_FEATS[-1][1]}×{STUDENT_FEATS[-1][2]}")
     if "views" in needs:
         parts.append("+1 view")
     if "indices" in needs:
@@ -93,7 +100,9 @@ def measure(name: str, device, reps: int, budget_bytes: float) -> dict:
     b = crcd_batch(loss, budget_bytes) if name == "crcd" else B
     s, t, labels, idx = inputs_for(loss, b, device)
     probe = Outputs(logits=s.logits.detach(), features=[f.detach() for f in s.features] if s.features else None,
-                    embedding=s.embedding.detach() if s.embedding is not None else None)
+                    embedding=s.embedding.detach() if s.embedding is not None else None,
+                    class_maps=s.class_maps.detach() if s.class_maps is not None else None,
+                    preact=[f.detach() for f in s.preact] if s.preact else None)
     loss.setup(probe, t, CTX)
     loss.to(device).train()
     leaves = _leaves(s)

@@ -47,17 +47,19 @@ def make(name):
     return create_loss(name, **load_card(name).defaults)
 
 
-def models(seed=0):
-    """A student and a teacher of different families, widths and embedding sizes (96 vs 256)."""
+def models(seed=0, name=None):
+    """A student and a teacher of different families, widths and embedding sizes (96 vs 256). Losses that need
+    pre-ReLU maps (OFD) get a ResNet teacher: EfficientNet's stage maps are not ReLU outputs, so it is refused."""
     torch.manual_seed(seed)
-    return create_model("test_resnet", 10, 1), create_model("test_efficientnet", 10, 1)
+    preact = name is not None and "preact" in get_loss_class(name).needs
+    return create_model("test_resnet", 10, 1), create_model("test_resnet" if preact else "test_efficientnet", 10, 1)
 
 
 def outputs(model, x, loss, views=None):
-    feats, emb = "features" in loss.needs, "embedding" in loss.needs
-    out = forward_outputs(model, x, feats, emb)
+    feats, emb, cams = "features" in loss.needs, "embedding" in loss.needs, "class_maps" in loss.needs
+    out = forward_outputs(model, x, feats, emb, cams, "preact" in loss.needs)
     if "views" in loss.needs:
-        out.views = [forward_outputs(model, v, feats, emb) for v in views]
+        out.views = [forward_outputs(model, v, feats, emb, cams) for v in views]
     return out
 
 
@@ -71,7 +73,7 @@ def test_every_card_names_a_paper_or_says_why():
 @pytest.mark.parametrize("name", NAMES)
 def test_trains_small_timm_pair(name, data):
     train, val = data
-    student, teacher = models()
+    student, teacher = models(name=name)
     loss = make(name)
     objective = DistillObjective(loss, TeacherProvider([teacher]), alpha=0.5, weight=1.0)
     result = fit(student, train, val, Recipe(epochs=2, batch_size=32, lr=0.01), device=torch.device("cpu"),
@@ -84,7 +86,7 @@ def test_trains_small_timm_pair(name, data):
 @pytest.mark.parametrize("name", NAMES)
 def test_connectors_get_gradients_and_teacher_none(name, data):
     train, _ = data
-    student, teacher = models(1)
+    student, teacher = models(1, name)
     loss = make(name)
     x, y = train.x[:16], train.y[:16]
     g = torch.Generator().manual_seed(0)
@@ -124,6 +126,7 @@ def test_property_at_equality(name, data):
         features=[f.clone().requires_grad_(True) for f in detached.features] if detached.features else None,
         embedding=detached.embedding.clone().requires_grad_(True) if detached.embedding is not None else None,
         views=detached.views,
+        class_maps=detached.class_maps.clone().requires_grad_(True) if detached.class_maps is not None else None,
     )
     value = loss(leaf, detached, labels=y, epoch=None, indices=torch.arange(16))
     if loss.at_equality == "zero":

@@ -24,6 +24,8 @@ class LossContext:
     num_classes: int
     num_samples: int = 0  # size of the training set (sample-indexed memory banks)
     epochs: int = 0  # total training epochs (schedules)
+    #: (γ, β) of the teacher BN before each pre-ReLU stage map, for losses that need ``preact`` (OFD's margin)
+    teacher_preact_bn: Optional[list] = None
 
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -34,7 +36,7 @@ class DistillLoss(nn.Module):
     per-sample values). What a registered loss needs is its card's ``needs``, set by ``register_loss``."""
 
     name: ClassVar[str] = ""
-    #: inputs the loss reads: any of logits, features, embedding, labels, indices, views. Registered losses get
+    #: inputs the loss reads: any of logits, features, embedding, labels, indices, views, class_maps. Registered losses get
     #: their card's; this default serves unregistered subclasses (``module:attr`` losses)
     needs: ClassVar[frozenset[str]] = frozenset({"logits"})
     #: True when the loss has per-sample values (reduction="none" and per-sample weighting work)
@@ -91,7 +93,7 @@ class DistillLoss(nn.Module):
         return values.sum() if reduction == "sum" else values.mean()
 
     def _check_inputs(self, student: Outputs, teacher: Outputs, labels: Optional[Tensor]) -> None:
-        for what in ("logits", "features", "embedding"):
+        for what in ("logits", "features", "embedding", "class_maps", "preact"):
             if what in self.needs and (getattr(student, what) is None or getattr(teacher, what) is None):
                 raise ValueError(f"loss {self.name!r} needs student and teacher {what}")
         if "labels" in self.needs and labels is None:

@@ -3,8 +3,9 @@ install has them): paper, needs, default parameters, search space.
 
 A card is the one statement of what its loss ``needs`` (registration copies it onto the class) and of its default
 parameters (``create_loss`` fills what a call leaves out from ``defaults``, the reference implementation's values).
-``alpha`` is the study-level mix (total = (1 − alpha)·CE + alpha·weight·loss) and ``weight`` a fixed multiplier on
-the loss. ``search`` may name the loss's own parameters and ``alpha``/``weight``.
+``alpha`` is the study-level mix (total = ce_weight·CE + alpha·weight·loss, ce_weight = 1 − alpha unless a study
+sets it) and ``weight`` a fixed multiplier on the loss. ``search`` may name the loss's own parameters and
+``alpha``/``weight``.
 
 Imports neither torch nor timm: listing and reading cards is cheap.
 """
@@ -25,7 +26,8 @@ from kdbench.errors import KdbenchError
 #: own parameter with one of these names (DKD's and USKD's ``alpha``) is addressed as ``<loss>.<param>`` in studies
 #: and search spaces; any own parameter may be.
 MIX_PARAMS = ("alpha", "weight", "weighting", "threshold", "ramp_start", "ramp_epochs",
-              "t_schedule", "t_start", "t_end", "t_steps")
+              "t_schedule", "t_start", "t_end", "t_steps", "ce_weight")
+#: ce_weight has no default here: unset, it is 1 − alpha (trial params of older studies stay as they were)
 MIX_DEFAULTS = {"weighting": "none", "threshold": 0.95, "ramp_start": 0.0, "ramp_epochs": 0.0,
                 "t_schedule": "constant", "t_start": 2.0, "t_end": 8.0, "t_steps": 4}
 
@@ -35,7 +37,7 @@ def knob_name(loss: str, param: str) -> str:
     return f"{loss}.{param}" if param in MIX_PARAMS else param
 
 
-NEEDS = ("logits", "features", "embedding", "labels", "indices", "views")
+NEEDS = ("logits", "features", "embedding", "labels", "indices", "views", "class_maps", "preact")
 FAMILIES = ("logit", "feature", "embedding", "relation", "self")
 #: the cards, next to the losses (package data: see [tool.setuptools.package-data] in pyproject.toml)
 CARDS_DIR = Path(__file__).resolve().parent / "cards"

@@ -141,6 +141,26 @@ def linear_projector(d_in: int, d_out: int, device=None) -> nn.Module:
     return nn.Linear(d_in, d_out, bias=False, device=device)
 
 
+def conv_reg(s_shape: torch.Size, t_shape: torch.Size, device=None) -> nn.Sequential:
+    """ConvReg (mdistiller ``_common.py``) from student (B, C_s, H_s, W_s) to teacher (B, C_t, H_t, W_t) maps:
+    H_s = 2H_t → 3×3 conv stride 2; 2H_s = H_t → 4×4 transposed conv stride 2; H_s ≥ H_t → conv with kernel
+    (1 + H_s − H_t, 1 + W_s − W_t) (1×1 for equal sizes); then BN and ReLU (fitnet, wkd_f)."""
+    (_, cs, hs, ws), (_, ct, ht, wt) = s_shape, t_shape
+    if hs == 2 * ht:
+        conv = nn.Conv2d(cs, ct, kernel_size=3, stride=2, padding=1)
+    elif 2 * hs == ht:
+        conv = nn.ConvTranspose2d(cs, ct, kernel_size=4, stride=2, padding=1)
+    elif hs >= ht and ws >= wt:
+        conv = nn.Conv2d(cs, ct, kernel_size=(1 + hs - ht, 1 + ws - wt))
+    else:
+        raise KdbenchError(
+            f"hint_layer: no ConvReg maps a {hs}×{ws} student map to a {ht}×{wt} teacher map "
+            "(needs H_s = 2H_t, 2H_s = H_t or H_s ≥ H_t); pick another hint_layer"
+        )
+    # ReLU after BN as in the reference: the teacher hints are post-activation stage outputs (≥ 0)
+    return nn.Sequential(conv, nn.BatchNorm2d(ct), nn.ReLU(inplace=False)).to(device)
+
+
 def require_setup(loss: DistillLoss) -> None:
     if not getattr(loss, "_ready", False):
         raise RuntimeError(
@@ -205,6 +225,15 @@ def warmup_factor(epoch: Optional[float], warmup: float) -> float:
     return min((math.floor(epoch) + 1) / warmup, 1.0)
 
 
+def cosine_decay(epoch: Optional[float], epochs: int, start: float) -> float:
+    """WKD's late decay with 1-based epoch e = floor(epoch) + 1 and E epochs: 1 while e ≤ s = start·E, then
+    ½(1 + cos(π(e − s)/(E − s))) (wkd_l, wkd_f). No epoch or no epoch count: 1."""
+    if epoch is None or epochs <= 0 or start >= 1:
+        return 1.0
+    e, s = math.floor(epoch) + 1, start * epochs
+    return 1.0 if e <= s else 0.5 * (1.0 + math.cos(math.pi * (e - s) / (epochs - s)))
+
+
 def binary_log_probs(z: Tensor, index: Tensor) -> Tensor:
     """(B, 2) log [p_i, 1 − p_i] of softmax(z) at column ``index`` (B, 1), both in log space (logsumexp of the
     other columns): finite where p_i rounds to 1. Needs at least 2 classes."""
@@ -213,3 +242,32 @@ def binary_log_probs(z: Tensor, index: Tensor) -> Tensor:
     log_rest = torch.logsumexp(z.scatter(1, index, float("-inf")), dim=1) - lse
     return torch.stack([log_p, log_rest], dim=1)
 
+
+
+# --- non-target classes by index (sdd, wkd_l)
+
+
+def non_target_index(y1: Tensor, num_classes: int) -> Tensor:
+    """(B, C − 1) the class indices other than each row's label, in order; ``y1`` is (B, 1) labels. Gathering
+    with it drops the target column exactly (no −1000 mask, so no precision loss at extreme logits)."""
+    r = torch.arange(num_classes - 1, device=y1.device).unsqueeze(0)
+    return r + (r >= y1).long()
+
+
+def check_positive_ints(name: str, value) -> tuple[int, ...]:
+    """A non-empty list of distinct ints > 0 (pooling scales, temperatures given as ints); KdbenchError naming it."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    ok = isinstance(value, (list, tuple)) and len(value) > 0 and len(set(value)) == len(value)
+    if not ok or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in value):
+        raise KdbenchError(f"{name} must be a non-empty list of distinct integers > 0, got {value!r}")
+    return tuple(value)
+
+
+def avg_pool_to(x: Tensor, size: int) -> Tensor:
+    """``F.adaptive_avg_pool2d(x, size)`` for (B, C, H, W); as a reshape and a mean when H and W are multiples of
+    ``size`` (the same cells), which on CPU is several times faster than the adaptive kernel (sdd, cat_kd)."""
+    h, w = x.shape[-2:]
+    if h % size or w % size:
+        return F.adaptive_avg_pool2d(x, size)
+    return x.unflatten(2, (size, h // size)).unflatten(4, (size, w // size)).mean(dim=(3, 5))
