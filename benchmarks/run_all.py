@@ -19,8 +19,10 @@ import common
 import bench_bookkeeping
 import bench_cifar_trial
 import bench_losses
+import bench_stream
 import bench_sweep
 import bench_train_step
+import bench_workers
 
 BENCHMARKS = {
     "losses": (bench_losses, "1. Loss cost relative to cross-entropy"),
@@ -28,6 +30,8 @@ BENCHMARKS = {
     "bookkeeping": (bench_bookkeeping, "3. Bookkeeping share of a quickstart trial"),
     "sweep": (bench_sweep, "4. Sweep efficiency: median pruner vs none"),
     "cifar_trial": (bench_cifar_trial, "5. A CIFAR-100-sized trial"),
+    "stream": (bench_stream, "6. Streamed 224-px pretrained pair: DataLoader workers, teacher live vs cached"),
+    "workers": (bench_workers, "7. Local workers and evaluation where it counts"),
 }
 
 

@@ -17,6 +17,8 @@ ORDER = ["errors", "config", "data", "models", "losses", "engine", "sweep", "tra
 
 def stage(module: str) -> str:
     parts = module.split(".")
+    if parts[1:] == ["__main__"]:  # ``python -m kdbench`` is the command line
+        return "cli"
     return parts[1] if len(parts) > 1 else "api"  # kdbench itself (the lazy __init__) sits with the API
 
 

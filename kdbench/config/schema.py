@@ -4,11 +4,10 @@ kept in one module (over 300 lines) so the whole file format reads in one place.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (
     Field,
-    NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
@@ -17,7 +16,10 @@ from pydantic import (
     model_validator,
 )
 
+from kdbench.config.bounds import (MAX_NAME, Epochs, ImageSize, NonNegativeFinite, PositiveFinite, Seed,
+                                   TeacherEpochs)
 from kdbench.config.digests import spec_digest
+from kdbench.config.inputs import PretrainedFields, check_kwargs
 from kdbench.config.space import SearchParam, StrictModel
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
@@ -38,10 +40,10 @@ class Splits(StrictModel):
 
 class DataConfig(StrictModel):
     dataset: str = "digits"
-    image_size: PositiveInt = 32
+    image_size: ImageSize = 32
     splits: Splits = Splits()
     augment: bool = False
-    seed: int = 0
+    seed: Seed = 0
     #: fraction of the training split whose labels the student sees (stratified subset); the teacher sees all
     student_fraction: float = Field(1.0, gt=0.0, le=1.0)
     #: fraction of the student's labels flipped to another class (symmetric label noise)
@@ -54,12 +56,16 @@ class DataConfig(StrictModel):
     #: with augment: draw each sample's crop and flip in epoch e from (augment_seed, e) alone, the same in every
     #: run of the study, so the teacher's outputs on them are computed once per epoch and cached. Unset: drawn
     #: afresh in every run (the teacher then runs live).
-    augment_seed: Optional[int] = Field(None, exclude_if=lambda v: v is None)
+    augment_seed: Optional[Seed] = Field(None, exclude_if=lambda v: v is None)
     #: an image folder too large for memory: decode its images from the files batch by batch, in DataLoader
     #: workers (pinned memory, persistent workers), instead of holding the data set on the device
     stream: bool = Field(False, exclude_if=lambda v: not v)
     #: DataLoader worker processes for a streamed data set
     workers: int = Field(4, ge=0, exclude_if=lambda v: v == 4)
+    #: tensor: images held resized to image_size, normalised by the data's statistics, augmented on the device;
+    #: timm: each model fed through timm's transforms at its own data config (size, crop, mean/std); auto: timm
+    #: when a model is pretrained or states an input, or the data set is a timm source ('torch/…', 'hfds/…')
+    transforms: Literal["auto", "tensor", "timm"] = Field("auto", exclude_if=lambda v: v == "auto")
 
     @model_validator(mode="after")
     def _augment_seed(self) -> "DataConfig":
@@ -73,20 +79,24 @@ class DataConfig(StrictModel):
 class Recipe(StrictModel):
     """How one network is trained."""
 
-    epochs: PositiveInt = 10
-    batch_size: PositiveInt = 64
+    epochs: Epochs = 10
+    batch_size: PositiveInt = 64  # at most the smallest training set: checked against the data
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: PositiveFloat = 0.05
-    weight_decay: NonNegativeFloat = 5e-4
+    lr: PositiveFinite = 0.05
+    weight_decay: NonNegativeFinite = 5e-4
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     milestones: list[PositiveInt] = []  # epochs at which the 'step' schedule multiplies lr by gamma
-    gamma: PositiveFloat = 0.1
+    gamma: PositiveFinite = 0.1
+    #: epochs of linear warm-up before the schedule (fine-tuning a pretrained model); left out of dumps at 0
+    warmup_epochs: NonNegativeInt = Field(0, exclude_if=lambda v: v == 0)
 
     @model_validator(mode="after")
     def _milestones(self) -> "Recipe":
         if self.schedule == "step" and not self.milestones:
             raise ValueError("schedule 'step' needs 'milestones' (epochs at which lr is multiplied by gamma)")
+        if self.warmup_epochs and self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs {self.warmup_epochs} must be fewer than epochs {self.epochs}")
         return self
 
 
@@ -111,6 +121,10 @@ class TrainConfig(Recipe):
     teacher_cache: Literal["memory", "disk", "off"] = Field("memory", exclude_if=lambda v: v == "memory")
     #: the largest cache allowed (GiB); a larger one is not built and the teacher runs live (the reason is logged)
     teacher_cache_gb: PositiveFloat = Field(4.0, exclude_if=lambda v: v == 4.0)
+    #: DOT (Zhao et al., ICCV 2023): separate SGD momenta for the CE (momentum − dot_delta) and KD (momentum +
+    #: dot_delta) gradients of distillation runs (kdbench.engine.dot); SGD only
+    dot: bool = Field(False, exclude_if=lambda v: not v)
+    dot_delta: float = Field(0.075, ge=0.0, lt=1.0, exclude_if=lambda v: v == 0.075)
 
     @field_validator("device")
     @classmethod
@@ -120,25 +134,37 @@ class TrainConfig(Recipe):
         raise ValueError(f"must be auto, cpu, cuda, cuda:<index> or mps, got {v!r}")
 
 
-class ModelSpec(StrictModel):
+class ModelSpec(PretrainedFields):
     model: str
     kwargs: dict[str, Any] = {}
 
+    _kwargs = field_validator("kwargs")(check_kwargs)
+
 
 class TeacherConfig(Recipe, ModelSpec):
-    epochs: PositiveInt = 15
-    seed: int = 0
+    #: 0: use a pretrained teacher as it is (its classes must be the data's, or ImageNet's covering them)
+    epochs: TeacherEpochs = 15
+    seed: Seed = 0
     #: a state dict (safetensors or torch.save) to load instead of training
     checkpoint: Optional[str] = None
     #: where trained teachers are cached (default $KDBENCH_CACHE_DIR/teachers or ~/.cache/kdbench/teachers)
     cache_dir: Optional[str] = None
     #: with several teachers: this one's share in the weighted average of their logits
-    weight: PositiveFloat = 1.0
+    weight: PositiveFinite = 1.0
+    #: label smoothing of the teacher's cross-entropy (fine-tuning recipes); students' CE is never smoothed, so
+    #: the CE baseline and the distilled students stay comparable
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, exclude_if=lambda v: v == 0.0)
+
+    @model_validator(mode="after")
+    def _untrained(self) -> "TeacherConfig":
+        if self.epochs == 0 and not (self.pretrained or self.checkpoint):
+            raise ValueError("epochs: 0 uses the teacher as it is: it needs 'pretrained' weights or a 'checkpoint'")
+        return self
 
 
 class StudentConfig(ModelSpec):
     #: with several students: the name of this one's Optuna studies and leaderboard section (default: model)
-    label: Optional[str] = Field(None, pattern=NAME_PATTERN)
+    label: Optional[str] = Field(None, pattern=NAME_PATTERN, max_length=MAX_NAME)
 
     @property
     def key(self) -> str:
@@ -149,8 +175,8 @@ class LossPart(StrictModel):
     """One part of a combined loss: ``weight · loss`` with its own fixed parameters."""
 
     name: str
-    label: Optional[str] = Field(None, pattern=NAME_PATTERN)
-    weight: float = Field(1.0, ge=0.0)
+    label: Optional[str] = Field(None, pattern=NAME_PATTERN, max_length=MAX_NAME)
+    weight: NonNegativeFinite = 1.0
     params: dict[str, Any] = {}
 
     @property
@@ -170,12 +196,12 @@ class LossEntry(StrictModel):
     #: search-space overrides or additions; ``null`` removes a parameter from the card's search space
     search: dict[str, Optional[SearchParam]] = {}
     #: label used for this entry's Optuna study and leaderboard row (default: the name)
-    label: Optional[str] = Field(None, pattern=NAME_PATTERN)
+    label: Optional[str] = Field(None, pattern=NAME_PATTERN, max_length=MAX_NAME)
 
     #: per-class multipliers of the KD term's per-sample weights (length = number of classes)
-    class_weights: Optional[list[float]] = None
+    class_weights: Optional[list[NonNegativeFinite]] = None
     #: distil only on samples of these classes (by the student's label): a domain mask
-    kd_classes: Optional[list[int]] = None
+    kd_classes: Optional[list[NonNegativeInt]] = None
 
     @model_validator(mode="after")
     def _name_or_parts(self) -> "LossEntry":
@@ -203,7 +229,7 @@ class SweepConfig(StrictModel):
     #: epochs before the pruner looks at a trial; unset: a third of train.epochs (benchmarks/bench_sweep.py: with 2
     #: of 15 epochs the median pruner stopped the sweep's eventual best trial in both seeds, with 5 it kept it)
     pruner_warmup_epochs: Optional[NonNegativeInt] = None
-    seed: int = 0
+    seed: Seed = 0
     metric: Literal["val_acc"] = "val_acc"
     #: which epoch's score counts: the last, or the one with the best validation accuracy
     select: Literal["last", "best"] = "last"
@@ -214,7 +240,7 @@ class SweepConfig(StrictModel):
 
 class ConfirmConfig(StrictModel):
     #: a count n (seeds 0..n-1) or an explicit list
-    seeds: Union[PositiveInt, list[int]] = 3
+    seeds: Union[PositiveInt, list[Seed]] = 3
     #: export each loss's final student (its confirm run with the best val accuracy) as a file + MLflow artifact
     export: bool = True
     #: also log those final students with mlflow.pytorch.log_model (never done per trial)
@@ -232,13 +258,21 @@ class ConfirmConfig(StrictModel):
         return v
 
 
+class Reference(StrictModel):
+    """Published top-1 test accuracies (%) shown beside the measured rows; not part of the experiment."""
+
+    source: str = Field(min_length=1)  # the paper and table (or README) the numbers are from
+    #: row → accuracy: ``teacher`` (``teacher[i]`` with several), ``ce`` (the student alone), a loss entry's key
+    acc: dict[str, Annotated[float, Field(gt=0, le=100)]] = Field(min_length=1)
+
+
 class TrackingConfig(StrictModel):
     uri: Optional[str] = None  # default sqlite:///<out>/mlflow.db
     experiment: Optional[str] = None  # default: the study name
 
 
 class StudyConfig(StrictModel):
-    name: str = Field(pattern=NAME_PATTERN)
+    name: str = Field(pattern=NAME_PATTERN, max_length=MAX_NAME)
     description: str = ""
     data: DataConfig = DataConfig()
     #: one teacher, or several whose logits are fused by weighted averaging (always a list once parsed)
@@ -251,6 +285,7 @@ class StudyConfig(StrictModel):
     confirm: ConfirmConfig = ConfirmConfig()
     tracking: TrackingConfig = TrackingConfig()
     storage: Optional[str] = None  # Optuna storage URL; default sqlite:///<out>/optuna.db
+    reference: Optional[Reference] = Field(None, exclude_if=lambda v: v is None)
     #: which of teacher/student the file gave as lists (error messages then say teacher[i], else teacher)
     _listed: frozenset = PrivateAttr(default=frozenset())
 
@@ -261,6 +296,14 @@ class StudyConfig(StrictModel):
     @property
     def students(self) -> list[StudentConfig]:
         return self.student
+
+    @property
+    def timm_transforms(self) -> bool:
+        """Whether the models are fed through timm's transforms at their own data configs (see data.transforms)."""
+        if self.data.transforms != "auto":
+            return self.data.transforms == "timm"
+        models = self.teachers + self.students
+        return "/" in self.data.dataset or any(m.pretrained or m.input is not None for m in models)
 
     def field(self, name: str, i: int) -> str:
         """How the study file names teacher/student ``i``: ``teacher[1]`` in a list, ``teacher`` when given alone."""
@@ -314,4 +357,5 @@ class StudyConfig(StrictModel):
 
     def fingerprint(self) -> str:
         """A hash of everything that defines the experiment (not where it is stored)."""
-        return spec_digest(self.compact_dump(exclude={"tracking", "storage", "description"}))
+        not_experiment = {"tracking", "storage", "description", "reference"}
+        return spec_digest(self.compact_dump(exclude=not_experiment))

@@ -5,9 +5,10 @@ machine; :attr:`DataBundle.fingerprint` identifies it (the teacher cache is keye
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -49,6 +50,23 @@ class DataBundle:
     noisy_mask: np.ndarray  # which student labels were flipped
     fingerprint: str
     hflip: bool  # whether horizontal flips preserve the label (not for digits)
+    #: with timm's transforms: the source and splits, from which :meth:`for_model` makes each model's sets
+    timm: Optional[Any] = None
+
+    @property
+    def device_augment(self) -> bool:
+        """Whether augmentation is done on the training device (in memory); timm's transforms do their own."""
+        return self.timm is None
+
+    def for_model(self, dc: dict, view: Optional[dict] = None) -> "DataBundle":
+        """The sets as a model with data config ``dc`` sees them: its training views at ``view``'s size (shared
+        with a teacher of another size), its own eval transform. Held tensors: the same bundle."""
+        if self.timm is None:
+            return self
+        sets = self.timm.sets(dc, view)
+        y = {k: getattr(self, k).y for k in ("train", "val", "test", "student_train")}
+        return replace(self, image_size=int(dc["input_size"][-1]),
+                       **{k: TensorSet(sets[k], y[k]) for k in y})
 
     def summary(self) -> dict:
         return {
@@ -129,6 +147,13 @@ def check_data_root(cfg) -> None:
         readers.locate(cfg.dataset, root)
 
 
+def has_official_test(cfg) -> bool:
+    """Whether the test split is the data set's official test set (val then comes from its training set)."""
+    if cfg.dataset == "imagefolder":
+        return readers.image_folder_classes(data_root(cfg))[1] is not None
+    return cfg.dataset in readers.SPECS  # every file format kdbench reads ships a test set
+
+
 def _split(y: np.ndarray, fractions: tuple[float, float, float], seed: int):
     idx = np.arange(len(y))
     train_f, val_f, test_f = fractions
@@ -178,6 +203,7 @@ def load_data(cfg) -> DataBundle:
     if cfg.stream:
         return _load_streamed(cfg)
     raw = loader(cfg)
+    _check_memory(cfg, raw)
     y = raw.y
     xt = _resize(raw.x, cfg.image_size)
     yt = torch.from_numpy(y)
@@ -198,6 +224,21 @@ def load_data(cfg) -> DataBundle:
         for part in (train, val, test):
             part.x[:, c].sub_(mean).div_(std)
     return _bundle(cfg, train, val, test, y[tr], num_classes, hflip)
+
+
+def _check_memory(cfg, raw: RawData) -> None:
+    """Refuse an image size whose resized float32 copy (held twice while splitting) exceeds the machine's memory,
+    before allocating it: the allocator's failure is a traceback, or the process is killed."""
+    n = len(raw.x) + (0 if raw.x_test is None else len(raw.x_test))
+    need = 2 * 4 * n * raw.x.shape[1] * cfg.image_size ** 2
+    try:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not on Linux/macOS: left to the allocator
+        return
+    if need > have:
+        raise KdbenchError(f"data.image_size: {n} images at {cfg.image_size}×{cfg.image_size} need about "
+                           f"{need / 2 ** 30:,.0f} GiB of memory, this machine has {have / 2 ** 30:,.0f} GiB; use a "
+                           f"smaller size, or data.transforms: timm (images decoded per batch)")
 
 
 def _positions(y: np.ndarray, has_test: bool, cfg):
@@ -258,3 +299,4 @@ def _load_streamed(cfg) -> DataBundle:
     train = TensorSet(every.subset(tr), yt[tr].contiguous())
     val = TensorSet(every.subset(va), yt[va].contiguous())
     return _bundle(cfg, train, val, test, y[tr], len(classes), True)
+

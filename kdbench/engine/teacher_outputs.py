@@ -14,6 +14,7 @@ precision), unless a value would not fit in float16.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -23,12 +24,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kdbench.engine.device import autocast, compile_forwards
-from kdbench.engine.checkpoints import atomic_write
+from kdbench.engine.checkpoints import atomic_write, set_aside
 from kdbench.data.augment import EpochViews
+from kdbench.data.streaming import LazyImages
 from kdbench.config.digests import file_digest, spec_digest
 from kdbench.engine.taps import forward_outputs
 from kdbench.losses.outputs import Outputs
 
+log = logging.getLogger(__name__)  # under "kdbench", which the CLI routes
 FIXED = -1  # the slot of inputs that are the same in every epoch
 GIB = 1024 ** 3
 
@@ -47,7 +50,8 @@ def cache_key(spec: dict) -> str:
 
 def _bytes_per_sample(probe: Outputs, disk: bool) -> int:
     n = probe.logits.shape[0]
-    feats = (probe.features or []) + ([probe.embedding] if probe.embedding is not None else [])
+    feats = (probe.features or []) + [t for t in (probe.embedding, probe.class_maps) if t is not None]
+    feats += probe.preact or []
     per = probe.logits.numel() * 4 + sum(f.numel() * (2 if disk else 4) for f in feats)
     return per // n
 
@@ -81,7 +85,8 @@ class OutputStore:
 
     @property
     def per_epoch(self) -> bool:
-        return isinstance(self.inputs, EpochViews)
+        # EpochViews (in memory), or images made through timm's transforms with seeded random views
+        return isinstance(self.inputs, EpochViews) or getattr(self.inputs, "per_epoch", False)
 
     def get(self, epoch: int) -> Outputs:
         slot = int(epoch) if self.per_epoch else FIXED
@@ -100,6 +105,8 @@ class OutputStore:
     def _compute(self, slot: int) -> Outputs:
         if self.per_epoch:  # the epoch's views, a batch at a time: the whole augmented set is never held
             parts = [self.compute(v) for v in self.inputs.chunks(slot, self.batch_size)]
+        elif isinstance(self.inputs, LazyImages):  # decoded in DataLoader workers, in order
+            parts = [self.compute(x) for x in self.inputs.chunks(None, self.batch_size)]
         else:
             x = self.inputs
             parts = [self.compute(x[i: i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)]
@@ -108,6 +115,8 @@ class OutputStore:
             logits=torch.cat([p.logits for p in parts]),
             features=[torch.cat(fs) for fs in zip(*[p.features for p in parts])] if parts[0].features else None,
             embedding=torch.cat([p.embedding for p in parts]) if parts[0].embedding is not None else None,
+            class_maps=torch.cat([p.class_maps for p in parts]) if parts[0].class_maps is not None else None,
+            preact=[torch.cat(fs) for fs in zip(*[p.preact for p in parts])] if parts[0].preact else None,
         )
 
     def _path(self, slot: int) -> Path:
@@ -124,6 +133,10 @@ class OutputStore:
             tensors[f"features.{i}"] = small(f)
         if out.embedding is not None:
             tensors["embedding"] = small(out.embedding)
+        if out.class_maps is not None:
+            tensors["class_maps"] = small(out.class_maps)
+        for i, f in enumerate(out.preact or []):
+            tensors[f"preact.{i}"] = small(f)
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         atomic_write(self._path(slot), lambda p: save_file(tensors, str(p)))
 
@@ -131,12 +144,19 @@ class OutputStore:
         path = self._path(slot)
         if not path.is_file():
             return None
-        device = self.inputs.x.device if self.per_epoch else self.inputs.device
-        t = {k: v.to(device).float() for k, v in load_file(str(path)).items()}
+        x = self.inputs.x if isinstance(self.inputs, EpochViews) else self.inputs
+        try:
+            t = {k: v.to(x.device).float() for k, v in load_file(str(path)).items()}
+            if t["logits"].shape[0] != x.shape[0]:
+                raise ValueError(f"{t['logits'].shape[0]} samples, not {x.shape[0]}")
+        except Exception as e:  # truncated or overwritten: computed again
+            set_aside(path, str(e).splitlines()[0] if str(e) else type(e).__name__, log)
+            return None
         n_feats = sum(k.startswith("features.") for k in t)
         self.loaded += 1
         return Outputs(logits=t["logits"], features=[t[f"features.{i}"] for i in range(n_feats)] or None,
-                       embedding=t.get("embedding"))
+                       embedding=t.get("embedding"), class_maps=t.get("class_maps"),
+                       preact=[t[f"preact.{i}"] for i in range(sum(k.startswith("preact.") for k in t))] or None)
 
 
 
@@ -166,16 +186,19 @@ class TeacherProvider:
 
     @torch.no_grad()
     def live(self, x: torch.Tensor, needs: frozenset = frozenset()) -> Outputs:
-        feats, emb = "features" in needs, "embedding" in needs
+        feats, emb, cams = "features" in needs, "embedding" in needs, "class_maps" in needs
+        pre = "preact" in needs
         with autocast(x.device, self.precision):
-            outs = [forward_outputs(t, x, feats, emb) for t in self.teachers]
+            outs = [forward_outputs(t, x, feats, emb, cams, pre and i == 0) for i, t in enumerate(self.teachers)]
         first = outs[0]
         logits = sum(w * o.logits.float() for w, o in zip(self.weights, outs))
         # copies when compiled: with CUDA graphs the teacher's next call reuses its outputs' memory
         own = (lambda t: t.float().clone()) if self.compiled else (lambda t: t.float())  # noqa: E731
         return Outputs(logits=logits,
                        features=[own(f) for f in first.features] if first.features is not None else None,
-                       embedding=own(first.embedding) if first.embedding is not None else None)
+                       embedding=own(first.embedding) if first.embedding is not None else None,
+                       class_maps=own(first.class_maps) if first.class_maps is not None else None,
+                       preact=[own(f) for f in first.preact] if first.preact is not None else None)
 
     def use_store(self, inputs, needs: frozenset = frozenset(), directory=None, batch_size: int = 256) -> OutputStore:
         """Serve outputs from a store over ``inputs``: a tensor (the same every epoch) or :class:`EpochViews`."""
@@ -190,7 +213,7 @@ class TeacherProvider:
 
     def __call__(self, batch, needs: frozenset = frozenset()) -> Outputs:
         """Outputs for a ``kdbench.engine.train.Batch`` (its images, sample indices, epoch and further views)."""
-        if self.store is not None and needs & {"features", "embedding"} <= self.cached_needs:
+        if self.store is not None and needs & {"features", "embedding", "class_maps", "preact"} <= self.cached_needs:
             out = self.store.get(int(batch.epoch)).index(batch.idx)
         else:
             out = self.live(batch.x, needs)
@@ -204,14 +227,20 @@ def attach_cache(provider, cfg, data, infos: list, device: torch.device, root: P
     Fixed inputs are computed at once; per-epoch sets when an epoch first needs them."""
     x = data.student_train.x.to(device)
     augment = cfg.data.augment
+    lazy = isinstance(x, LazyImages) and not data.device_augment  # views made by timm's transforms
+    if lazy and needs:
+        return _off(provider, f"live: feature maps of {tuple(x.shape[-2:])}-px views are not cached (too large; "
+                              f"logits alone would be): the teacher runs in every step")
     pad, hflip = (data.image_size // 8, data.hflip) if augment else (0, False)
-    views = EpochViews(x, pad, hflip, cfg.data.augment_seed) if augment and cfg.data.augment_seed is not None else None
+    seeded = augment and cfg.data.augment_seed is not None
+    views = (x if lazy else EpochViews(x, pad, hflip, cfg.data.augment_seed)) if seeded else None
     probe = provider.live(x[:2], needs) if cfg.train.teacher_cache != "off" else None
     p = plan(cfg.train.teacher_cache, cfg.train.teacher_cache_gb, augment=augment, views=views,
              epochs=cfg.train.epochs, n=x.shape[0], probe=probe)
     if p.mode == "live":
-        provider.store = None
-        return p
+        return _off(provider, p.reason, p)
+    if lazy:
+        p.reason += f"; logits only (feature maps of {x.shape[-2]}x{x.shape[-1]}-px views are never cached)"
     directory = None
     if p.mode == "disk":
         spec = {
@@ -220,11 +249,13 @@ def attach_cache(provider, cfg, data, infos: list, device: torch.device, root: P
             "fusion": provider.weights,
             "data": data.fingerprint,
             "n": x.shape[0],
-            "views": views.spec() if views is not None else None,
+            "views": views.spec() if views is not None and not lazy else None,
             "needs": sorted(needs),
             "precision": provider.precision,
             "device": device.type,
         }
+        if lazy:  # what the views are made of: the transform, its seed, the images
+            spec["inputs"] = x.spec()
         directory = root / cache_key(spec)
         if not (directory / "spec.json").is_file():
             atomic_write(directory / "spec.json", lambda f: f.write_text(json.dumps(spec, indent=1)))
@@ -232,3 +263,8 @@ def attach_cache(provider, cfg, data, infos: list, device: torch.device, root: P
     if views is None:
         store.get(FIXED)
     return p
+
+
+def _off(provider, reason: str, p: Optional[Plan] = None) -> Plan:
+    provider.store = None
+    return p or Plan("live", reason)

@@ -6,10 +6,11 @@ study layer uses it for Optuna pruning and MLflow logging; this module knows nei
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Collection, Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +19,10 @@ from torch import nn
 from kdbench.engine.device import autocast, compiled
 from kdbench.data import TensorSet
 from kdbench.data.augment import EpochViews, random_crop_flip
-from kdbench.data.streaming import FileImages, loader
+from kdbench.data.streaming import LazyImages, loader
 from kdbench.engine.objectives import NOT_LOSSES, Batch, CEObjective
+from kdbench.engine.taps import feed
+from kdbench.engine.dot import DOT, make_dot
 from kdbench.losses.base import LossContext
 
 
@@ -31,16 +34,17 @@ class NonFiniteLoss(RuntimeError):
 class EpochStats:
     epoch: int  # 1-based
     train_loss: float
-    val_acc: float
-    val_loss: float
+    val_acc: Optional[float]  # None at an epoch that was not evaluated (fit's val_epochs)
+    val_loss: Optional[float]
     lr: float
     seconds: float
     test_acc: Optional[float] = None
     parts: dict[str, float] = field(default_factory=dict)  # mean of each loss term over the epoch
 
     def metrics(self) -> dict[str, float]:
-        m = {"train_loss": self.train_loss, "val_acc": self.val_acc, "val_loss": self.val_loss, "lr": self.lr,
-             "epoch_seconds": self.seconds}
+        m = {"train_loss": self.train_loss, "lr": self.lr, "epoch_seconds": self.seconds}
+        if self.val_acc is not None:
+            m.update(val_acc=self.val_acc, val_loss=self.val_loss)
         if self.test_acc is not None:
             m["test_acc"] = self.test_acc
         m.update({k if k in NOT_LOSSES else f"loss_{k}": v for k, v in self.parts.items()})
@@ -56,7 +60,7 @@ class FitResult:
         """The epoch that counts: the last one, or the one with the best validation accuracy (first on ties)."""
         if select == "last":
             return self.history[-1]
-        return max(self.history, key=lambda s: (s.val_acc, -s.epoch))
+        return max((s for s in self.history if s.val_acc is not None), key=lambda s: (s.val_acc, -s.epoch))
 
 
 def make_optimizer(params, recipe) -> torch.optim.Optimizer:
@@ -71,20 +75,25 @@ def make_optimizer(params, recipe) -> torch.optim.Optimizer:
 
 
 def make_scheduler(opt: torch.optim.Optimizer, recipe):
-    """Stepped once per epoch."""
+    """Stepped once per epoch; ``warmup_epochs`` of linear warm-up (from lr / (warmup + 1)) come first."""
+    sch = torch.optim.lr_scheduler
+    warm = getattr(recipe, "warmup_epochs", 0)
     if recipe.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=recipe.epochs)
-    if recipe.schedule == "step":
-        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(recipe.milestones), gamma=recipe.gamma)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        main = sch.CosineAnnealingLR(opt, T_max=recipe.epochs - warm)
+    elif recipe.schedule == "step":
+        main = sch.MultiStepLR(opt, milestones=[m - warm for m in recipe.milestones if m > warm], gamma=recipe.gamma)
+    else:
+        main = sch.LambdaLR(opt, lambda _: 1.0)
+    if not warm:
+        return main
+    ramp = sch.LinearLR(opt, start_factor=1.0 / (warm + 1), total_iters=warm)
+    return sch.SequentialLR(opt, [ramp, main], milestones=[warm])
 
 
 def _in_order(x, batch_size: int):
     """``x`` in order, a batch at a time: slices of a tensor, or a streamed data set's DataLoader batches."""
-    if isinstance(x, FileImages):
-        # worker processes only pay off beyond one batch: a small evaluation set is decoded in this process
-        for xb, _ in loader(x, batch_size=batch_size, workers=x.workers if len(x) > batch_size else 0):
-            yield xb.to(x.device, non_blocking=True)
+    if isinstance(x, LazyImages):
+        yield from x.chunks(None, batch_size)
     else:
         for i in range(0, x.shape[0], batch_size):
             yield x[i: i + batch_size]
@@ -98,14 +107,17 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512, pre
     for xb in _in_order(x, batch_size):
         with autocast(x.device, precision):
             # a copy: under torch.compile's CUDA graphs the next call reuses the output's memory
-            out.append(model(xb).float().clone())
+            out.append(model(feed(model, xb)).float().clone())
     model.train(was_training)
     return torch.cat(out)
 
 
 def evaluate(model: nn.Module, data: TensorSet, precision: str = "fp32") -> tuple[float, float]:
-    """(accuracy, mean CE loss) on a data set."""
-    logits = predict_logits(model, data.x, precision=precision)
+    """(accuracy, mean CE loss) on a data set. Draws nothing from the global RNG: a streamed set's DataLoader would
+    draw its workers' base seed from it, and which epochs are evaluated must not change what is trained."""
+    quiet = torch.random.fork_rng(devices=[]) if isinstance(data.x, LazyImages) else contextlib.nullcontext()
+    with quiet:
+        logits = predict_logits(model, data.x, precision=precision)
     acc = (logits.argmax(1) == data.y).float().mean().item()
     return acc, F.cross_entropy(logits, data.y).item()
 
@@ -130,8 +142,16 @@ def fit(
     augment_seed: Optional[int] = None,
     compile_mode: Optional[str] = None,
     compile_backend: str = "inductor",
+    val_epochs: Optional[Collection[int]] = None,
+    test_at: str = "every",
 ) -> FitResult:
     """Train ``model`` on ``train`` for ``recipe.epochs`` epochs; evaluate on ``val`` (and ``test``) every epoch.
+
+    ``val_epochs`` (1-based) limits validation to those epochs and the last (a sweep trial: the epochs its pruner
+    and selection rule read); the others' stats have ``val_acc`` None. ``test_at``: ``"every"`` epoch, or only
+    at the epoch the selection rule ``"last"`` or ``"best"`` picks (``"best"`` needs every epoch's validation; the
+    weights of the best epoch so far are kept for it). Evaluation draws no random numbers, so what is evaluated
+    never changes the trained weights.
 
     ``objective(model, batch) -> (loss, terms)`` defaults to cross-entropy; its ``setup`` may return a module
     (the loss's trainable parts) whose parameters join the optimizer. Raises :class:`NonFiniteLoss` if the loss
@@ -142,7 +162,9 @@ def fit(
     ``compile_mode`` (``"default"``, ``"reduce-overhead"``, ...) compiles the model's forward passes with
     ``torch.compile`` for this fit only.
     """
-    objective = objective or CEObjective()
+    objective = objective or CEObjective(getattr(recipe, "label_smoothing", 0.0))
+    if test_at not in ("every", "last", "best") or (test_at == "best" and val_epochs is not None):
+        raise ValueError(f"test_at {test_at!r} with val_epochs {val_epochs!r}")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device, memory_format=fmt).train()
     train, val = train.to(device), val.to(device)
@@ -151,7 +173,7 @@ def fit(
     extra = objective.setup(model, train, LossContext(num_classes=num_classes or int(train.y.max()) + 1,
                                                       num_samples=len(train), epochs=recipe.epochs))
     params = list(model.parameters()) + (list(extra.parameters()) if extra is not None else [])
-    opt = make_optimizer(params, recipe)
+    opt = make_dot(params, recipe, objective, precision, device) or make_optimizer(params, recipe)  # train.dot
     sched = make_scheduler(opt, recipe)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16" and device.type == "cuda")
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -163,8 +185,9 @@ def fit(
     augment = bool(augment_pad or hflip)
     seeded = EpochViews(train.x, augment_pad, hflip, augment_seed) if augment and augment_seed is not None else None
     # a streamed data set comes through a DataLoader whose batch order is drawn from the run's seed on the CPU
-    streamed = (loader(train.x, batch_size=bs, generator=torch.Generator().manual_seed(seed), persistent=True)
-                if isinstance(train.x, FileImages) else None)
+    # random views made in DataLoader workers (timm's transforms) are seeded from the run's seed
+    streamed = (loader(train.x.for_run(seed), batch_size=bs, generator=torch.Generator().manual_seed(seed),
+                       persistent=True) if isinstance(train.x, LazyImages) else None)
 
     def batches():
         if streamed is not None:
@@ -195,7 +218,8 @@ def fit(
             with autocast(device, precision):
                 loss, terms = objective(model, batch)
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            # DOT takes the KD part's gradient apart (its own momentum); the backward is then the task part's
+            scaler.scale(opt.split(objective, terms) if isinstance(opt, DOT) else loss).backward()
             scaler.step(opt)
             scaler.update()
             total += loss.detach()  # summed on the device: no host sync per step
@@ -206,7 +230,14 @@ def fit(
             raise NonFiniteLoss(f"training loss is {train_loss} at epoch {epoch + 1}")
         lr = opt.param_groups[0]["lr"]
         sched.step()
-        val_acc, val_loss = evaluate(model, val, precision)
+        last = epoch + 1 == recipe.epochs
+        val_acc = val_loss = test_acc = None
+        if val_epochs is None or epoch + 1 in val_epochs or last:
+            val_acc, val_loss = evaluate(model, val, precision)
+        if test is not None and (test_at == "every" or test_at == "last" and last):
+            test_acc = evaluate(model, test, precision)[0]
+        if test is not None and test_at == "best" and val_acc > best[0]:  # strict: the first best epoch, as selected
+            best[:] = [val_acc, {k: v.detach().clone() for k, v in model.state_dict().items()}]
         return EpochStats(
             epoch=epoch + 1,
             train_loss=train_loss,
@@ -214,9 +245,11 @@ def fit(
             val_loss=val_loss,
             lr=lr,
             seconds=time.perf_counter() - t0,
-            test_acc=evaluate(model, test, precision)[0] if test is not None else None,
+            test_acc=test_acc,
             parts={k: (v / steps).item() for k, v in parts.items()},
         )
+
+    best: list = [-math.inf, None]  # test_at "best": the best val accuracy so far and that epoch's weights
 
     history: list[EpochStats] = []
     start = time.perf_counter()
@@ -228,5 +261,20 @@ def fit(
                 progress(stats)
             if on_epoch is not None:
                 on_epoch(stats)
-    return FitResult(history=history, seconds=time.perf_counter() - start)
+    result = FitResult(history=history, seconds=time.perf_counter() - start)
+    if test is not None and test_at == "best":
+        _test_selected(model, result.selected("best"), best[1], test, precision)
+    return result
+
+
+def _test_selected(model: nn.Module, stats: EpochStats, weights: dict, test: TensorSet, precision: str) -> None:
+    """``stats.test_acc`` from the selected epoch's ``weights``; the model keeps its final weights."""
+    if weights is None:  # no epoch beat -inf: a NaN accuracy
+        return
+    final = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(weights)
+    try:
+        stats.test_acc = evaluate(model, test, precision)[0]
+    finally:
+        model.load_state_dict(final)
 

@@ -11,17 +11,19 @@ import torch
 
 from kdbench.config import StudyConfig
 from kdbench.data import DataBundle
-from kdbench.engine.checkpoints import final_model, save_checkpoint
+from kdbench.engine.checkpoints import atomic_write, final_model, save_checkpoint
 from kdbench.engine.objectives import DistillObjective
 from kdbench.engine.teacher import TeacherInfo, get_teacher
 from kdbench.engine.teacher_outputs import TeacherProvider
-from kdbench.engine.train import FitResult, NonFiniteLoss, fit
+from kdbench.engine.train import EpochStats, FitResult, NonFiniteLoss, evaluate, fit
+from kdbench.engine.taps import ModelFeed
 from kdbench.models import create_model
+from kdbench.study.inputs import ModelInputs
 from kdbench.study.paths import StudyPaths, optuna_study_name
 from kdbench.study.plan import ResolvedEntry
 from kdbench.study.progress import Progress
 from kdbench.study.runs import RunBook
-from kdbench.sweep.samplers import METRIC, make_pruner, make_sampler
+from kdbench.sweep.samplers import METRIC, make_pruner, make_sampler, trial_val_epochs
 from kdbench.sweep.slots import FINISHED, MLFLOW_RUN, REASON, TrialFailed, add_slots, open_sweep, run_slots
 from kdbench.sweep.workers import WORKER_ID
 from kdbench.tracking import tags as tk
@@ -35,6 +37,8 @@ class Phases:
         self.progress, self.book, self.storage = progress, book, storage
         self.provider: Optional[TeacherProvider] = None
         self._counted: set[str] = set()
+        self._head_said = False
+        self.inputs: Optional[ModelInputs] = None  # under timm's transforms: what each model is fed
 
     def _who(self, st, run: bool = False) -> str:
         """The student in a log line (``[a] ``) or a run name (``a ``), when the study has several."""
@@ -51,7 +55,13 @@ class Phases:
             models.append(model)
             infos.append(info)
         self.provider = TeacherProvider(models, [t.weight for t in self.cfg.teachers], self.cfg.train.precision)
+        if data.timm is not None:
+            self.inputs = ModelInputs(self.cfg, data, infos)
         return infos
+
+    def data_for(self, data: DataBundle, st=None) -> DataBundle:
+        """The sets a student (or, without one, the teachers' outputs on the training views) are made of."""
+        return data if self.inputs is None else self.inputs.data_for(data, st)
 
     def _teacher(self, index: int, t, data: DataBundle, record: bool):
         cfg, book = self.cfg, self.book
@@ -73,17 +83,21 @@ class Phases:
                 for h in info.history:
                     tracker.log_metrics(run_id, {k: v for k, v in h.items() if k != "epoch"}, step=h["epoch"])
             tracker.log_params(run_id, {"model": t.model, "kwargs": t.kwargs, "n_params": info.n_params,
-                                        "source": info.source, "fusion_weight": t.weight})
+                                        "source": info.source, "fusion_weight": t.weight, "origin": info.origin})
             tracker.set_tags(run_id, {tk.TEACHER_SOURCE: info.source, tk.TEACHER_KEY: info.key,
-                                      tk.CHECKPOINT: info.path})
+                                      tk.CHECKPOINT: info.path, tk.TEACHER_ORIGIN: info.origin,
+                                      **({tk.HEAD: info.head} if info.head else {})})
+            if info.data_config is not None:
+                tracker.log_params(run_id, {"pretrained": t.pretrained, "data_config": info.data_config})
             tracker.log_metrics(run_id, {"selected_val_acc": info.val_acc, "selected_test_acc": info.test_acc,
                                          "train_seconds": info.seconds})
-        self.progress.done(f"{name}: {info.source} ({info.path}), val_acc {info.val_acc:.4f}, "
+        head = f"; {info.head}" if info.head else ""
+        self.progress.done(f"{name}: {info.source} ({info.path}; {info.origin}{head}), val_acc {info.val_acc:.4f}, "
                            f"test_acc {info.test_acc:.4f}", eta=False)
         return model, info
 
     def teacher_needs(self) -> frozenset:
-        return frozenset().union(*(e.needs for e in self.entries)) & {"features", "embedding"}
+        return frozenset().union(*(e.needs for e in self.entries)) & {"features", "embedding", "class_maps", "preact"}
 
     # -- students -----------------------------------------------------------------------------------------------
     def train_student(self, data: DataBundle, st, entry: Optional[ResolvedEntry], values: Optional[dict],
@@ -91,23 +105,49 @@ class Phases:
                       eval_test: bool = False, checkpoint: Optional[Path] = None) -> FitResult:
         cfg = self.cfg
         torch.manual_seed(seed)
-        student = create_model(st.model, data.num_classes, data.in_chans, st.kwargs)
+        student = create_model(st.model, data.num_classes, data.in_chans, st.kwargs, st.pretrained,
+                               cfg.field("student", next(i for i, s in enumerate(cfg.students) if s is st)))
+        if data.timm is not None:  # its own size and normalisation, its own eval transform
+            student.kdbench_feed = ModelFeed.of(self.inputs.students[st.key])
+            data = self.data_for(data, st)
+        if getattr(student, "kdbench_head", ""):  # said once in the log, on every run in the tracker
+            self.book.tracker.set_tags(run_id, {tk.HEAD: student.kdbench_head})
+            if not self._head_said:
+                self.progress.say(f"student {st.model}: {student.kdbench_head}")
+                self._head_said = True
         objective = None
         if entry is not None:
             loss, mix = entry.build(values)
             weighting = entry.weighting(mix, data.num_classes, data.student_train.y)
             objective = DistillObjective(loss, self.provider, float(mix["alpha"]), float(mix["weight"]), weighting,
-                                         temperature=entry.schedule(mix))
+                                         temperature=entry.schedule(mix), ce_weight=mix["ce_weight"])
+        # a trial is validated where its pruner and selection rule look, and tested once, at the selected epoch
+        # (the report's temperature/alpha plots); the baseline and confirm runs keep per-epoch curves
+        val_epochs = trial_val_epochs(trial.study.pruner, cfg.train.epochs, cfg.sweep.select) if trial else None
+        seen: list[EpochStats] = []
+        logger = self.book.epoch_logger(run_id, trial)
+
+        def on_epoch(stats: EpochStats) -> None:
+            seen.append(stats)
+            logger(stats)
+
         self.progress.start(desc, cfg.train.epochs)
-        result = fit(student, data.student_train, data.val, cfg.train, device=self.device,
-                     precision=cfg.train.precision, seed=seed, objective=objective,
-                     test=data.test if eval_test else None,
-                     augment_pad=data.image_size // 8 if cfg.data.augment else 0,
-                     hflip=cfg.data.augment and data.hflip,
-                     on_epoch=self.book.epoch_logger(run_id, trial), progress=self.progress.epoch,
-                     channels_last=cfg.train.channels_last, augment_seed=cfg.data.augment_seed,
-                     compile_mode=cfg.train.compile_mode if cfg.train.compile else None,
-                     compile_backend=cfg.train.compile_backend)
+        try:
+            result = fit(student, data.student_train, data.val, cfg.train, device=self.device,
+                         precision=cfg.train.precision, seed=seed, objective=objective,
+                         test=data.test if eval_test else None, val_epochs=val_epochs,
+                         test_at=cfg.sweep.select if trial else "every",
+                         augment_pad=data.image_size // 8 if cfg.data.augment and data.device_augment else 0,
+                         hflip=cfg.data.augment and data.device_augment and data.hflip,
+                         on_epoch=on_epoch, progress=self.progress.epoch, channels_last=cfg.train.channels_last,
+                         augment_seed=cfg.data.augment_seed if data.device_augment else None,
+                         compile_mode=cfg.train.compile_mode if cfg.train.compile else None,
+                         compile_backend=cfg.train.compile_backend)
+        except optuna.TrialPruned:
+            if eval_test and seen:  # the plots show a pruned trial at its test accuracy where it stopped
+                acc = evaluate(student, data.test.to(self.device), cfg.train.precision)[0]
+                self.book.tracker.log_metrics(run_id, {"test_acc": acc}, step=seen[-1].epoch)
+            raise
         best = result.selected(cfg.sweep.select)
         summary = {"selected_val_acc": best.val_acc, "selected_epoch": best.epoch, "train_seconds": result.seconds}
         if eval_test:
@@ -161,14 +201,15 @@ class Phases:
             values = entry.values(searched)
             tags = book.tags("trial", **{tk.LOSS: entry.key, tk.LOSS_NAME: entry.name, tk.SEED: cfg.sweep.seed,
                                          tk.OPTUNA_STUDY: study.study_name, tk.TRIAL: trial.number,
-                                         tk.STUDENT: st.key, tk.WORKER: WORKER_ID})
+                                         tk.STUDENT: st.key, tk.WORKER: WORKER_ID,
+                                         tk.THREADS: torch.get_num_threads()})
             desc = f"{self._who(st)}{entry.key} trial {trial.number}"
             run_name = f"3 trial {self._who(st, run=True)}{entry.key} {trial.number:03d}"
             with book.child(run_name, tags, params={"run.loss": entry.name, "run.student": st.model,
                                                 "run.seed": cfg.sweep.seed, **values}) as run_id:
                 trial.set_user_attr(MLFLOW_RUN, run_id)
                 try:
-                    # test accuracy is recorded for the report's plots; selection uses val only
+                    # test accuracy (at the selected epoch) is recorded for the report's plots; selection uses val
                     result = self.train_student(data, st, entry, values, cfg.sweep.seed, run_id, desc, trial,
                                                 eval_test=True)
                 except NonFiniteLoss as e:
@@ -237,10 +278,10 @@ class Phases:
         dst = self.paths.out / "best" / st.key / f"{key}.safetensors"
         dst.parent.mkdir(parents=True, exist_ok=True)
         for a, b in ((src, dst), (src.with_suffix(".json"), dst.with_suffix(".json"))):
-            shutil.copyfile(a, b)
+            atomic_write(b, lambda p, a=a: shutil.copyfile(a, p))  # an interrupted export leaves no half a file
         run_id = best.info.run_id
         book.tracker.log_artifact(run_id, dst, "best_student")
         if self.cfg.confirm.log_model:
-            book.tracker.log_model(run_id, *final_model(st, data, dst))
+            book.tracker.log_model(run_id, *final_model(st, self.data_for(data, st), dst))
         book.tracker.set_tags(run_id, {tk.EXPORTED: "true"})
         book.tracker.set_tags(book.parent, {tk.best_key(st.key, key): run_id})
