@@ -95,6 +95,9 @@ def test_leaderboard_rows(tiny_run):
     assert names[0] == "teacher `test_resnet`"
     assert sorted(names[1:]) == ["`ce`", "`kd`", "`mse_logits`"]
     assert "tuned on **val**" in text and "scored on **test**" in text and "Incomplete" not in text
+    # the splits as used (digits has no official test split), and the 2-seed study's warning
+    assert "train/val/test = a stratified 0.6/0.2/0.2 split of all 1,797 images (1,077/360/360)" in text
+    assert "- **Warning**: confirm.seeds: 2 seed(s)" in text
 
 
 def test_rerun_resumes_without_new_runs_and_report_is_stable(tiny_run, capsys):
@@ -107,6 +110,7 @@ def test_rerun_resumes_without_new_runs_and_report_is_stable(tiny_run, capsys):
         assert main(["run", str(study)]) == 0
         out = capsys.readouterr()
         assert "teacher test_resnet: cached" in out.err + out.out
+        assert "warning: confirm.seeds: 2 seed(s)" in out.err + out.out  # run warns as validate does
         assert main(["report", "runs/tiny", "--report-dir", "again"]) == 0
     finally:
         os.chdir(cwd)
@@ -209,7 +213,8 @@ TRIPLE = {
         {"label": "kd_triple", "params": {"alpha": 0.7}, "search": {"alpha": None},
          "parts": [{"name": "kd", "label": f"kd_t{t}", "weight": w, "params": {"temperature": float(t)}}
                    for t, w in ((2, 0.2), (4, 0.3), (8, 0.2))]},
-        {"name": "kd", "label": "kd_warm", "params": {"t_schedule": "linear", "t_start": 2.0, "t_end": 8.0},
+        {"name": "kd", "label": "kd_warm", "params": {"t_schedule": "linear", "t_start": 2.0, "t_end": 8.0,
+                                                      "ce_weight": 1.0},  # 1.0·CE + 0.9·KD
          "search": {"alpha": None, "temperature": None}},
     ],
     "sweep": {"trials": 1},
@@ -234,6 +239,13 @@ def test_kd_triple_logs_three_parts_and_schedule_logs_temperature(tmp_path, monk
     # epoch means of a linear 2 → 8 ramp over 3 epochs: rising, inside (2, 8)
     assert len(temps) == 3 and 2.0 < temps[0] < temps[1] < temps[2] < 8.0
     assert temps[1] == pytest.approx(5.0, abs=0.6)
+    # ce_weight 1.0 with the card's alpha 0.9: the logged parts are 1.0·CE and 0.9·1.0·KD, and they make the total
+    m = {k: [x.value for x in sorted(c.get_metric_history(warm.info.run_id, k), key=lambda x: x.step)]
+         for k in ("loss_ce", "loss_kd", "loss_weighted_ce", "loss_weighted_kd", "train_loss")}
+    assert m["loss_weighted_ce"] == m["loss_ce"]
+    assert m["loss_weighted_kd"] == pytest.approx([0.9 * v for v in m["loss_kd"]], rel=1e-5)
+    assert m["train_loss"] == pytest.approx([a + b for a, b in zip(m["loss_weighted_ce"], m["loss_weighted_kd"])],
+                                            rel=1e-5)
 
 
 def test_final_students_exported_and_logged_as_models(tiny_run):

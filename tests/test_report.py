@@ -1,4 +1,5 @@
 """Reports from MLflow runs this test logs itself: known accuracies give known means, stds, intervals and ties."""
+import json
 import math
 
 import pytest
@@ -16,17 +17,18 @@ SPACE = {"temperature": {"type": "float", "low": 1.0, "high": 8.0, "log": True},
          "alpha": {"type": "float", "low": 0.1, "high": 0.99}}
 
 
-def log_study(out_dir, name="fake", finished=True, acc=ACC, trials=3):
-    """A study as kdbench logs it: parent, teacher, trials (with epochs), confirm runs with metric histories."""
+def log_study(out_dir, name="fake", finished=True, acc=ACC, trials=3, seeds=3, confirm_params=None, tags=None):
+    """A study as kdbench logs it: parent, teacher, trials (with epochs), confirm runs with metric histories;
+    ``confirm_params`` (loss → params) and ``tags`` (of the study run) change what the report reads."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tr = MlflowTracker(f"sqlite:///{out_dir / 'mlflow.db'}", name, artifact_dir=out_dir / "artifacts")
     params = {"data.dataset": "digits", "data.image_size": 16, "data.splits.train": 0.6, "data.splits.val": 0.2,
               "data.splits.test": 0.2, "data.seed": 0, "data.student_fraction": 0.25, "data.student_label_noise": 0.3,
               "train.epochs": 2, "train.optimizer": "sgd", "train.lr": 0.05, "train.schedule": "cosine",
               "sweep.trials": trials, "sweep.sampler": "tpe", "sweep.pruner": "median", "sweep.select": "last",
-              "confirm.seeds": 3, **{f"space.{k}": SPACE for k in acc if k != "ce"}}
+              "confirm.seeds": seeds, **{f"space.{k}": SPACE for k in acc if k != "ce"}}
     tags = {tk.ROLE: "study", tk.STUDY: name, "kdbench.students": "test_resnet", "kdbench.teachers": "resnet18",
-            "kdbench.device": "cpu", "kdbench.version": "0.1.0", "kdbench.commit": "abc1234"}
+            "kdbench.device": "cpu", "kdbench.version": "0.1.0", "kdbench.commit": "abc1234", **(tags or {})}
     parent = tr.start_run(name, tags, params=params)
     child = lambda role, **t: tr.start_run(role, {tk.ROLE: role, tk.STUDY: name, **t}, parent=parent)  # noqa: E731
     t = child("teacher", **{tk.LOSS: "teacher"})
@@ -49,7 +51,8 @@ def log_study(out_dir, name="fake", finished=True, acc=ACC, trials=3):
         for seed, a in enumerate(values):
             r = child("confirm", **{tk.LOSS: loss, tk.LOSS_NAME: loss, tk.SEED: seed})
             tr.log_params(r, {"alpha": 0.0 if loss == "ce" else 0.9, "run.seed": seed, "run.loss": loss,
-                              **({} if loss == "ce" else {"temperature": 4.0})})
+                              **({} if loss == "ce" else {"temperature": 4.0}),
+                              **(confirm_params or {}).get(loss, {})})
             for epoch in (1, 2):
                 tr.log_metrics(r, {"val_acc": a - 0.1 / epoch, "test_acc": a - 0.1 / epoch}, step=epoch)
             tr.log_metrics(r, {"selected_test_acc": a, "selected_val_acc": a, "train_seconds": 30.0})
@@ -102,9 +105,13 @@ def test_written_report_is_stable_has_valid_figures_and_is_logged(fake, tmp_path
     text = first.decode()
     assert "| 2 ≈    | `kd`" in text and "92.00 ± 2.00" in text and "± 4.97" in text and "+20.00 ± 0.00" in text
     assert "teacher `resnet18`" in text and "1.5 min" in text and "cpu-h" in text and "Incomplete" not in text
+    assert "**Warning**" not in text and "| published" not in text  # 3 seeds, no warm-up, no edge; no reference
     linked = [ln[ln.index("(") + 1:-1] for ln in text.splitlines() if ln.startswith("![")]
     assert {"accuracy.png", "trials_temperature.png", "trials_alpha.png", "curves.png",
-            "optuna_history_kd.png", "optuna_importance_kd.png"} <= set(linked)
+            "optuna_history_kd.png"} <= set(linked)
+    # 2 completed trials per loss: importances would rank noise, so a note stands in their place
+    assert "optuna_importance_kd.png" not in linked
+    assert "- `kd`: no parameter importances (2 completed trial(s); fANOVA needs at least 5" in text
     from PIL import Image
 
     for name in linked:
@@ -166,3 +173,63 @@ def test_report_command_loads_neither_torch_nor_timm(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "LOADED:"
     assert (tmp_path / "r" / "LEADERBOARD.md").is_file() and (tmp_path / "r" / "accuracy.png").is_file()
+
+
+def test_reference_marked_outside_interval_official_split_and_best_test_epoch(tmp_path):
+    ref = {"source": "Table 1 of a paper", "acc": {"teacher": 97.5, "ce": 72.0, "kd": 80.0}}
+    data = {"n_train": 45000, "n_val": 15000, "n_test": 10000, "n_student_train": 4500, "official_test": True}
+    tr, parent = log_study(tmp_path / "run", tags={tk.REFERENCE: json.dumps(ref), tk.DATA: json.dumps(data)})
+    text = write_report(tr, parent, tmp_path / "rep", figures=False).read_text()
+    assert "test = the official test set (10,000 images); val = a stratified 25% of the official training set " \
+           "(15,000); train = the other 45,000" in text
+    assert "- **Published** (`reference` in the study file): Table 1 of a paper." in text
+    rows = {r.split("|")[2].strip(): [c.strip() for c in r.split("|")[1:-1]] for r in text.splitlines()
+            if r.startswith("| ") and not r.startswith("| rank")}
+    header = [c.strip() for c in next(r for r in text.splitlines() if r.startswith("| rank")).split("|")[1:-1]]
+    col = {name: header.index(name) for name in ("published", "best-test-epoch acc (optimistic)", "rank")}
+    # kd: 92.00 ± 4.97 excludes 80; ce: 72.00 inside its own interval; dkd has no reference; the teacher no interval
+    assert rows["`kd`"][col["published"]] == "80.00 (outside CI)" and rows["`ce`"][col["published"]] == "72.00"
+    assert rows["`dkd`"][col["published"]] == "–" and rows["teacher `resnet18`"][col["published"]] == "97.50"
+    # each confirm run's best test epoch (epoch 2: acc − 0.05), mean over seeds; the ranking still uses test acc
+    assert rows["`kd`"][col["best-test-epoch acc (optimistic)"]] == "87.00"
+    assert rows["`dkd`"][col["rank"]] == "1" and "never used for ranking" in text
+
+
+def test_each_warning_appears_on_a_study_made_to_trigger_it(tmp_path):
+    acc = {"ce": [0.70, 0.72], "kd": [0.90, 0.92], "dkd": [0.91, 0.92]}
+    tr, parent = log_study(tmp_path / "run", acc=acc, seeds=2,
+                           confirm_params={"kd": {"temperature": 8.0}, "dkd": {"warmup": 20, "temperature": 3.0}})
+    text = write_report(tr, parent, tmp_path / "rep", figures=False).read_text()
+    warnings = [ln for ln in text.splitlines() if ln.startswith("- **Warning**")]
+    assert len(warnings) == 3, warnings
+    assert "confirm.seeds: 2 seed(s) give 95% intervals 12.7 standard errors wide" in warnings[0]
+    assert "`dkd`: warmup = 20 epochs ≥ the run's 2 epochs" in text
+    assert "`kd`: the best temperature = 8 lies at the upper edge of its search range [1, 8, log]; widen it" in text
+
+
+def test_accuracy_axes_start_at_zero():
+    """Read back from the figures: the accuracy axis of the bars and of the trial and curve plots starts at 0."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from kdbench.report.figures import accuracy_figure
+
+    board = pd.DataFrame({"loss": ["kd", "ce"], "test_acc": [0.92, 0.91], "ci95": [0.01, 0.02]})
+    fig = accuracy_figure(board, [0.97], "t")
+    assert fig.axes[0].get_xlim()[0] == 0.0 and fig.axes[0].get_xlim()[1] >= 100
+    labels = {t.get_text() for t in fig.axes[0].texts}
+    assert {"92.00 ± 1.00", "91.00 ± 2.00"} <= labels  # values written on the bars: small gaps are read
+    plt.close(fig)
+
+
+def test_importances_drawn_from_five_completed_trials(tmp_path):
+    import optuna
+
+    from kdbench.report.figures import optuna_figures
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: t.suggest_float("temperature", 1, 8) + 0.1 * t.suggest_float("alpha", 0, 1),
+                   n_trials=5)
+    paths, note = optuna_figures(study, tmp_path, "kd")
+    assert note is None and [p.name for p in paths] == ["optuna_history_kd.png", "optuna_importance_kd.png"]

@@ -87,9 +87,18 @@ def custom_parameters(target: str) -> dict[str, Any]:
     function target."""
     obj = import_target(target)
     if inspect.isclass(obj):
+        if not any("__call__" in vars(c) or "forward" in vars(c) for c in obj.__mro__[:-1]):
+            raise KdbenchError(f"loss {target!r}: its instances are not callable, so it is not a loss")
         params = list(inspect.signature(obj.__init__).parameters.values())[1:]
     elif callable(obj):
-        params = list(inspect.signature(obj).parameters.values())[3:]
+        try:
+            sig = inspect.signature(obj)
+            sig.bind(None, None, None)  # a loss is called as fn(student, teacher, labels, **params)
+        except TypeError:
+            raise KdbenchError(f"loss {target!r} is not a loss: a function must take (student, teacher, labels)") from None
+        except ValueError:  # a builtin without a signature: taken on trust
+            return {}
+        params = list(sig.parameters.values())[3:]
     else:
         raise KdbenchError(f"loss {target!r} is neither a class nor a callable")
     return {p.name: p.default for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}

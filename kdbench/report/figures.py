@@ -1,6 +1,7 @@
 """Report figures (matplotlib, Agg): accuracy per loss with error bars, test accuracy against temperature and alpha
 across trials, learning curves of the confirm runs, and each loss's Optuna optimization history and parameter
-importances (``optuna.visualization.matplotlib``) on a study rebuilt from the MLflow trial runs.
+importances (``optuna.visualization.matplotlib``) on a study rebuilt from the MLflow trial runs. Accuracy axes start
+at 0, so that bar lengths and gaps are in proportion to the accuracies.
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ from kdbench.tracking.tags import safe_key  # noqa: E402
 
 from kdbench.tracking.tags import BASELINE  # noqa: E402
 
+#: fANOVA fits a random forest to the completed trials: with fewer it ranks noise, so no importances are drawn
+MIN_IMPORTANCE_TRIALS = 5
+
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
@@ -38,7 +42,13 @@ def _save(fig, path: Path) -> Path:
 
 
 def accuracy_bars(board: pd.DataFrame, teacher_acc: list[float], path: Path, title: str) -> Path:
-    """Mean test accuracy per loss with its 95% interval; the CE student and the teachers as reference lines."""
+    """:func:`accuracy_figure`, saved to ``path``."""
+    return _save(accuracy_figure(board, teacher_acc, title), path)
+
+
+def accuracy_figure(board: pd.DataFrame, teacher_acc: list[float], title: str):
+    """Mean test accuracy per loss with its 95% interval, labelled with its value, on an axis from 0; the CE student
+    and the teachers as reference lines."""
     b = board.iloc[::-1]  # best at the top
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(b) + 1.6))
     err = np.nan_to_num(b.ci95.to_numpy(dtype=float) * 100)
@@ -49,15 +59,20 @@ def accuracy_bars(board: pd.DataFrame, teacher_acc: list[float], path: Path, tit
     if (board.loss == BASELINE).any():
         ax.axvline(float(board[board.loss == BASELINE].test_acc.iloc[0]) * 100, color="0.4", linestyle=":",
                    linewidth=1, label="CE student")
-    lo = np.nanmin((b.test_acc - b.ci95.fillna(0)).to_numpy(dtype=float)) * 100 if len(b) else 0
-    ax.set_xlim(max(0.0, lo - 5), 100.5)
+    for y, (acc, half) in enumerate(zip(b.test_acc * 100, err)):
+        if not math.isnan(acc):  # the value beside the bar: small gaps are read, not guessed
+            inside = acc >= 25  # inside the bar in white, or after a short bar in black
+            ax.text(1.5 if inside else acc + half + 1.5, y, f"{acc:.2f}" + (f" ± {half:.2f}" if half else ""),
+                    va="center", fontsize=7, color="white" if inside else "black")
+    ax.set_xlim(0.0, 100.5)  # from 0: a cropped axis makes small gaps look large
     ax.set_xlabel("test accuracy (%), mean over confirm seeds ± 95% CI")
     ax.set_title(title)
     handles, labels = ax.get_legend_handles_labels()
     if handles:
         uniq = dict(zip(labels, handles))
-        ax.legend(uniq.values(), uniq.keys(), loc="lower right", fontsize=8)
-    return _save(fig, path)
+        # below the axis: bars from 0 fill the plot, a legend inside would hide their ends
+        ax.legend(uniq.values(), uniq.keys(), loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, fontsize=8)
+    return fig
 
 
 def _param_column(params: dict, name: str) -> Optional[float]:
@@ -96,6 +111,7 @@ def trials_vs_param(trials: pd.DataFrame, param: str, path: Path) -> Optional[Pa
         ax.set_visible(False)
     for ax in axes[:, 0]:
         ax.set_ylabel("trial test acc (%)")
+        ax.set_ylim(0, 100)  # shared by the row; from 0 like every accuracy axis
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"test accuracy vs {param} across trials (selection used val only)", fontsize=10)
     return _save(fig, path)
@@ -116,6 +132,7 @@ def learning_curves(curves: dict[str, pd.DataFrame], path: Path) -> Optional[Pat
         ax.set_xlabel("epoch")
         ax.set_title(f"confirm runs: {name} accuracy (mean over seeds)", fontsize=9)
     axes[0].set_ylabel("accuracy (%)")
+    axes[0].set_ylim(0, 100)
     axes[1].legend(fontsize=7, ncol=2, loc="lower right")
     return _save(fig, path)
 
@@ -156,26 +173,31 @@ def rebuild_study(key: str, space_json: str, trials: pd.DataFrame) -> Optional[o
     return study
 
 
-def optuna_figures(study: optuna.Study, out_dir: Path, key: str) -> list[Path]:
-    """Optimization history and (with ≥ 2 complete trials and a searched parameter) parameter importances."""
+def optuna_figures(study: optuna.Study, out_dir: Path, key: str) -> tuple[list[Path], Optional[str]]:
+    """Optimization history and (with ≥ MIN_IMPORTANCE_TRIALS complete trials and a searched parameter) parameter
+    importances; the note says why importances are missing."""
     from optuna.visualization import matplotlib as ovm
 
     paths = []
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    note = None
+    if complete and complete[0].params and len(complete) < MIN_IMPORTANCE_TRIALS:
+        note = (f"`{key}`: no parameter importances ({len(complete)} completed trial(s); fANOVA needs at least "
+                f"{MIN_IMPORTANCE_TRIALS} to rank anything but noise)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
         if complete:
             ax = ovm.plot_optimization_history(study, target_name="val accuracy")
             ax.set_title(f"{key}: optimization history")
             paths.append(_save(ax.figure, out_dir / f"optuna_history_{slug(key)}.png"))
-        if len(complete) >= 2 and complete[0].params:
+        if len(complete) >= MIN_IMPORTANCE_TRIALS and complete[0].params:
             try:
                 ax = ovm.plot_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
             except (RuntimeError, ValueError, ZeroDivisionError):
-                return paths  # e.g. all trials identical: importances undefined
-            ax.set_title(f"{key}: parameter importances (fANOVA)", loc="left")  # Optuna's own title slot
+                return paths, f"`{key}`: parameter importances undefined (e.g. all trials alike)"
+            ax.set_title(f"{key}: parameter importances (fANOVA, {len(complete)} trials)", loc="left")
             paths.append(_save(ax.figure, out_dir / f"optuna_importance_{slug(key)}.png"))
-    return paths
+    return paths, note
 
 
 def _curves(tracker, confirm: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -190,9 +212,12 @@ def _curves(tracker, confirm: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return {k: pd.DataFrame(v) for k, v in curves.items()}
 
 
-def make_figures(tracker, runs: pd.DataFrame, boards: dict, params: dict, out_dir: Path) -> list[Path]:
-    """Every figure of a study's report, written to ``out_dir``; returns their paths in a fixed order."""
+def make_figures(tracker, runs: pd.DataFrame, boards: dict, params: dict,
+                 out_dir: Path) -> tuple[list[Path], list[str]]:
+    """Every figure of a study's report, written to ``out_dir``: their paths in a fixed order, and notes on the
+    figures left out."""
     made: list[Optional[Path]] = []
+    notes = []
     teacher_acc = list(runs[(runs.role == "teacher") & (runs.status == "FINISHED")].test_acc.dropna())
     for student, board in boards.items():
         suffix = f"_{slug(student)}" if student else ""
@@ -206,5 +231,7 @@ def make_figures(tracker, runs: pd.DataFrame, boards: dict, params: dict, out_di
     for key in dict.fromkeys(trials.loss.dropna()):
         study = rebuild_study(key, params.get(safe_key(f"space.{key}")), trials[trials.loss == key])
         if study is not None:
-            made.extend(optuna_figures(study, out_dir, key))
-    return [p for p in made if p is not None]
+            paths, note = optuna_figures(study, out_dir, key)
+            made.extend(paths)
+            notes += [note] if note else []
+    return [p for p in made if p is not None], notes

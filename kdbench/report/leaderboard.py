@@ -14,6 +14,7 @@ import pandas as pd
 from scipy import stats
 
 from kdbench.errors import mask_secrets
+from kdbench.study.caveats import leaderboard_warnings, n_seeds, parse_params, split_text
 from kdbench.report.store import runs_frame, study_params
 from kdbench.tracking import tags as tk
 from kdbench.tracking.base import Tracker
@@ -44,16 +45,6 @@ def delta_ci(a: pd.Series, b: pd.Series, level: float = 0.95) -> tuple[float, fl
         return mean, 0.0
     dof = se2 ** 2 / ((va / na) ** 2 / (na - 1) + (vb / nb) ** 2 / (nb - 1))
     return mean, float(stats.t.ppf(0.5 + level / 2, dof) * math.sqrt(se2))
-
-
-def parse_params(params: dict) -> dict:
-    out = {}
-    for k, v in params.items():
-        try:
-            out[k] = json.loads(v)
-        except (TypeError, ValueError):
-            out[k] = v
-    return out
 
 
 def params_text(params: dict) -> str:
@@ -96,13 +87,16 @@ def leaderboard(runs: pd.DataFrame, student: Optional[str] = None) -> pd.DataFra
             "loss": key,
             "registry": c.loss_name.iloc[0] if len(c) else (t.loss_name.iloc[0] if len(t) else key),
             "test_acc": mean, "test_std": std, "ci95": half, "delta": d, "delta_ci95": d_half, "seeds": len(acc),
+            "best_epoch_acc": float(c.best_epoch_test_acc.astype(float).mean()) if len(c) else math.nan,
             "complete": int((t.state == "COMPLETE").sum()), "pruned": int((t.state == "PRUNED").sum()),
-            "failed": int(((t.state == "FAIL") | t.status.isin(["FAILED", "KILLED"])).sum()),
+            # an interrupted (KILLED) trial is re-offered and run again: retried, not failed
+            "failed": int((((t.state == "FAIL") & (t.status != "KILLED")) | (t.status == "FAILED")).sum()),
             "seconds": float(both.seconds.fillna(0).sum()),
             "best_params": params_text(c.params.iloc[0]) if len(c) else "",
         })
     board = pd.DataFrame(rows, columns=["loss", "registry", "test_acc", "test_std", "ci95", "delta", "delta_ci95",
-                                        "seeds", "complete", "pruned", "failed", "seconds", "best_params"])
+                                        "seeds", "best_epoch_acc", "complete", "pruned", "failed", "seconds",
+                                        "best_params"])
     board = board.sort_values(["test_acc", "loss"], ascending=[False, True], na_position="last")
     board.insert(0, "rank", range(1, len(board) + 1))
     board = board.reset_index(drop=True)
@@ -111,15 +105,6 @@ def leaderboard(runs: pd.DataFrame, student: Optional[str] = None) -> pd.DataFra
         lo_best = board.test_acc.iloc[0] - board.ci95.iloc[0]
         board["tied"] = (board.index > 0) & (board.test_acc + board.ci95 >= lo_best)
     return board
-
-
-def _n_seeds(value) -> int:
-    """How many confirm seeds the study asked for (the param is a count or a JSON list)."""
-    try:
-        x = json.loads(value)
-    except (TypeError, ValueError):
-        return 0
-    return x if isinstance(x, int) else len(x)
 
 
 def _share(value) -> str:
@@ -139,7 +124,16 @@ def _hours(seconds: float, device: str) -> str:
     return f"{seconds / 3600:.4f} {device.split(':')[0]}-h"
 
 
-def _table(board: pd.DataFrame, teacher: pd.DataFrame, device: str) -> pd.DataFrame:
+def _published(ref: Optional[float], mean: float = math.nan, half: float = math.nan) -> str:
+    """A published accuracy (%), marked where this row's 95% interval excludes it."""
+    if ref is None:
+        return "–"
+    outside = not math.isnan(half) and abs(100 * mean - ref) > 100 * half
+    return f"{ref:.2f}" + (" (outside CI)" if outside else "")
+
+
+def _table(board: pd.DataFrame, teacher: pd.DataFrame, device: str, ref: Optional[dict] = None) -> pd.DataFrame:
+    acc = (ref or {}).get("acc", {})
     table = pd.DataFrame({
         "rank": [f"{r} ≈" if t else str(r) for r, t in zip(board["rank"], board.tied)],
         "loss": [f"`{k}`" if k == r else f"`{k}` ({r})" for k, r in zip(board.loss, board.registry)],
@@ -147,6 +141,8 @@ def _table(board: pd.DataFrame, teacher: pd.DataFrame, device: str) -> pd.DataFr
         "95% CI": [f"± {_pct(h)}" for h in board.ci95],
         "Δ vs CE": [("–" if k == BASELINE else f"{_pct(d, True)} ± {_pct(h)}")
                     for k, d, h in zip(board.loss, board.delta, board.delta_ci95)],
+        "published": [_published(acc.get(k), m, h) for k, m, h in zip(board.loss, board.test_acc, board.ci95)],
+        "best-test-epoch acc (optimistic)": [_pct(x) for x in board.best_epoch_acc],
         "seeds": board.seeds.astype(str),
         "trials ok/pruned/failed": [("–" if k == BASELINE else f"{c}/{p}/{f}")
                                     for k, c, p, f in zip(board.loss, board.complete, board.pruned, board.failed)],
@@ -154,12 +150,23 @@ def _table(board: pd.DataFrame, teacher: pd.DataFrame, device: str) -> pd.DataFr
         "compute": [_hours(s, device) for s in board.seconds],
         "best params": board.best_params,
     })
+    if not acc:
+        table = table.drop(columns="published")
+    tkey = (lambda i: "teacher") if len(teacher) == 1 else (lambda i: f"teacher[{i}]")  # as reference.acc names it
     rows = [{"rank": "–", "loss": f"teacher `{tr.params.get('model', '?')}`", "test acc": _pct(tr.test_acc),
-             "95% CI": "–", "Δ vs CE": "–", "seeds": "1", "trials ok/pruned/failed": "–",
+             "95% CI": "–", "Δ vs CE": "–", "published": _published(acc.get(tkey(i))),
+             "best-test-epoch acc (optimistic)": "–", "seeds": "1", "trials ok/pruned/failed": "–",
              "train time": f"{(tr.seconds or 0) / 60:.1f} min", "compute": _hours(tr.seconds or 0, device),
-             "best params": tr.params.get("source", "")}
-            for tr in teacher.sort_values("teacher_index").itertuples()]
+             "best params": tr.params.get("origin") or tr.params.get("source", "")}
+            for i, tr in enumerate(teacher.sort_values("teacher_index").itertuples())]
     return pd.concat([pd.DataFrame(rows, columns=table.columns), table], ignore_index=True) if rows else table
+
+
+def _reference(tags: dict) -> Optional[dict]:
+    try:
+        return json.loads(tags.get(tk.REFERENCE) or "null")
+    except ValueError:
+        return None
 
 
 def incomplete(runs: pd.DataFrame, boards: dict, params: dict, status: str) -> list[str]:
@@ -169,7 +176,7 @@ def incomplete(runs: pd.DataFrame, boards: dict, params: dict, status: str) -> l
     if status != "FINISHED":
         notes.append(f"the study run is {status}")
     planned_trials = int(params.get("sweep.trials", 0) or 0)
-    seeds = _n_seeds(params.get("confirm.seeds"))
+    seeds = n_seeds(params.get("confirm.seeds"))
     for student, board in boards.items():
         who = f" (student `{student}`)" if student else ""
         for r in board.itertuples():
@@ -184,24 +191,25 @@ def incomplete(runs: pd.DataFrame, boards: dict, params: dict, status: str) -> l
     return notes
 
 
-def failures(runs: pd.DataFrame) -> list[str]:
-    """Runs that ended FAILED or KILLED (a dead worker's trial is retried, so the study can still be complete)."""
-    ended = runs[runs.status.isin(["FAILED", "KILLED"])]
-    return [f"{n} {role} run(s) {status}" for (role, status), n in
-            ended.groupby(["role", "status"]).size().sort_index().items()]
+def failures(runs: pd.DataFrame, status: str = "FAILED") -> list[str]:
+    """Runs that ended ``status``: FAILED, or KILLED (interrupted, or their process died: run again on resume)."""
+    ended = runs[runs.status == status]
+    return [f"{n} {role} run(s)" for role, n in ended.groupby("role").size().sort_index().items()]
 
 
 def render(boards: dict, runs: pd.DataFrame, tags: dict, p: dict, tracking_uri: str, experiment: str,
-           parent_id: str, figures: list[Path]) -> str:
+           parent_id: str, figures: list[Path], figure_notes: tuple = ()) -> str:
     teacher = runs[(runs.role == "teacher") & (runs.status == "FINISHED")]
     device = tags.get(tk.DEVICE, "cpu")
+    ref = _reference(tags)
     lines = [
         f"# Leaderboard: {tags.get(tk.STUDY, '?')}",
         "",
-        f"- **Data**: {p.get('data.dataset')} at {p.get('data.image_size')}×{p.get('data.image_size')}, split "
-        f"train/val/test {p.get('data.splits.train')}/{p.get('data.splits.val')}/{p.get('data.splits.test')} "
-        f"(seed {p.get('data.seed')}); the student sees {_share(p.get('data.student_fraction'))} of the training "
-        f"labels, {_share(p.get('data.student_label_noise'))} of them flipped.",
+        f"- **Data**: {p.get('data.dataset')} "
+        f"{tags.get(tk.INPUTS) or 'at {0}×{0}'.format(p.get('data.image_size'))}; "
+        f"{split_text(p, tags.get(tk.DATA))} (seed {p.get('data.seed')}); the student sees "
+        f"{_share(p.get('data.student_fraction'))} of the training labels, "
+        f"{_share(p.get('data.student_label_noise'))} of them flipped.",
         f"- **Teacher → student**: {tags.get(tk.TEACHERS, '?')} → {tags.get(tk.STUDENTS, '?')}, "
         f"{p.get('train.epochs')} student epochs ({p.get('train.optimizer')}, lr {p.get('train.lr')}, "
         f"{p.get('train.schedule')}).",
@@ -211,25 +219,38 @@ def render(boards: dict, runs: pd.DataFrame, tags: dict, p: dict, tracking_uri: 
         f"**{p.get('sweep.select')}** epoch (`sweep.select`). Accuracies in %; ± is the sample std over seeds; "
         f"95% CI is the Student-t half-width; Δ is against the CE-only student, paired by seed; ≈ marks a row "
         f"whose interval overlaps the best row's (statistically tied). Train time and compute add up the trial and "
-        f"confirm runs of each row.",
+        f"confirm runs of each row. **best-test-epoch acc (optimistic)** is the papers' protocol: each confirm run's "
+        f"epoch picked by its *test* accuracy, mean over seeds; optimistic, for comparison with published tables "
+        f"only, never used for ranking.",
+        *([f"- **Published** (`reference` in the study file): {ref.get('source', '?')}. *(outside CI)* marks a "
+           f"published value outside the row's 95% interval."] if ref else []),
         f"- **Trace**: MLflow experiment `{experiment}`, study run `{parent_id}` at `{mask_secrets(tracking_uri)}`; "
         f"kdbench {tags.get(tk.VERSION, '?')} (commit {tags.get(tk.COMMIT, '?')}), "
         f"torch {tags.get(tk.TORCH, '?')}, device {device}, teacher outputs "
         f"{tags.get(tk.TEACHER_OUTPUTS, '?')}.",
+        *([f"- **Command**: `{tags[tk.COMMAND]}`."] if tags.get(tk.COMMAND) else []),
         "",
     ]
+    warned = leaderboard_warnings(runs, p)
+    lines += [f"- **Warning**: {w}." for w in warned] + [""] * bool(warned)  # a list: one line each
     for student, board in boards.items():
         if student is not None:
             lines += [f"## Student `{student}`", ""]
-        lines += [_table(board, teacher, device).to_markdown(index=False, disable_numparse=True), ""]
+        lines += [_table(board, teacher, device, ref).to_markdown(index=False, disable_numparse=True), ""]
     notes = incomplete(runs, boards, p, tags.get("_status", "?"))
     if notes:
         lines += ["**Incomplete**: " + "; ".join(notes) + ". The rows above count only what finished.", ""]
     failed = failures(runs)
     if failed:
-        lines += ["**Failed or killed**: " + "; ".join(failed) + " (counted in the trials column, never twice).", ""]
+        lines += ["**Failed**: " + "; ".join(failed) + " FAILED (failed trials are counted in the trials column).", ""]
+    killed = failures(runs, "KILLED")
+    if killed and not notes:  # nothing missing: each was run again
+        lines += ["**Retried**: " + "; ".join(killed) + " interrupted (KILLED) and run again; nothing is missing.", ""]
+    elif killed:
+        lines += ["**Interrupted**: " + "; ".join(killed) + " KILLED; running the study again resumes them.", ""]
     if figures:
         lines += ["## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
+    lines += [f"- {n}." for n in figure_notes] + [""] * bool(figure_notes)
     return "\n".join(lines)
 
 
@@ -248,8 +269,8 @@ def write_report(tracker: Tracker, parent_id: str, report_dir: Path, figures: bo
     boards = boards_by_student(runs, tags)
     report_dir.mkdir(parents=True, exist_ok=True)
     params = study_params(parent)
-    made = make_figures(tracker, runs, boards, params, report_dir) if figures else []
-    text = render(boards, runs, tags, params, tracker.uri, tracker.experiment, parent_id, made)
+    made, notes = make_figures(tracker, runs, boards, params, report_dir) if figures else ([], [])
+    text = render(boards, runs, tags, params, tracker.uri, tracker.experiment, parent_id, made, tuple(notes))
     path = report_dir / "LEADERBOARD.md"
     path.write_text(text)
     for f in [path, *made]:

@@ -12,14 +12,17 @@ from kdbench.tracking.base import Tracker
 
 NOT_PARAMS = {"run.loss", "run.seed", "run.student"}
 RUN_COLUMNS = ["run_id", "role", "loss", "loss_name", "student", "teacher_index", "seed", "trial", "status", "state",
-               "val_acc", "test_acc", "last_test_acc", "seconds", "params"]
+               "val_acc", "test_acc", "last_test_acc", "best_epoch_test_acc", "seconds", "params"]
 
 
 def runs_frame(tracker: Tracker, parent_id: str) -> pd.DataFrame:
-    """One row per child run of a study: role, loss, seed, status, trial state, selected metrics and params."""
+    """One row per child run of a study: role, loss, seed, status, trial state, selected metrics and params; for
+    confirm runs also the best test accuracy over all epochs (the papers' optimistic protocol, never for ranking)."""
     rows = []
     for r in tracker.find(parent=parent_id):
         t, m = r.data.tags, r.data.metrics
+        confirm = t.get(tk.ROLE) == "confirm"
+        best = max((v for _, v in tracker.metric_history(r.info.run_id, "test_acc")), default=None) if confirm else None
         rows.append({
             "run_id": r.info.run_id, "role": t.get(tk.ROLE), "loss": t.get(tk.LOSS), "loss_name": t.get(tk.LOSS_NAME),
             "student": t.get(tk.STUDENT), "teacher_index": int(t.get(tk.TEACHER_INDEX, 0)),
@@ -28,6 +31,7 @@ def runs_frame(tracker: Tracker, parent_id: str) -> pd.DataFrame:
             "status": r.info.status, "state": t.get(tk.STATE),
             "val_acc": m.get("selected_val_acc"), "test_acc": m.get("selected_test_acc"),
             "last_test_acc": m.get("test_acc"),  # the newest per-epoch value (where a pruned trial stopped)
+            "best_epoch_test_acc": best,
             "seconds": m.get("train_seconds"),
             "params": {k: v for k, v in r.data.params.items() if k not in NOT_PARAMS},
         })

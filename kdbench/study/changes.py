@@ -11,7 +11,7 @@ from kdbench.config import StudyConfig, parse_study
 from kdbench.tracking.mlflow import flatten
 
 #: not part of the experiment (where it is stored, how it is described)
-IGNORED = ("tracking", "storage", "description")
+IGNORED = ("tracking", "storage", "description", "reference")
 
 
 @dataclass

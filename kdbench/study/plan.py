@@ -6,7 +6,7 @@ written.
 Knob names (Optuna parameter names): a single loss's own parameters are plain (``temperature``), or
 ``<loss>.<param>`` where they collide with a study-level knob (``dkd.alpha``); in a combination every own
 parameter is ``<part>.<param>`` and each part's weight is ``<part>.weight``. The study-level knobs are
-``alpha, weight, weighting, threshold, ramp_start, ramp_epochs``.
+``alpha, weight, ce_weight, weighting, threshold, ramp_start, ramp_epochs`` and the temperature schedule's.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ class ResolvedEntry:
 
     def build(self, values: dict[str, Any]) -> tuple[DistillLoss, dict[str, Any]]:
         """(the loss, the study-level knobs) for one set of knob values."""
-        mix = {k: values[k] for k in MIX_PARAMS}
+        mix = {k: values.get(k) for k in MIX_PARAMS}  # ce_weight None: 1 − alpha
         if not self.combined:
             own, _ = split_values(values, self.parts[0].target)
             return self.parts[0].create(own), mix
@@ -186,6 +186,11 @@ def resolve_entry(entry: LossEntry, where: str) -> ResolvedEntry:
     alpha = fixed.get("alpha", defaults["alpha"])
     if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise KdbenchError(f"{where}.params.alpha: must be a number in [0, 1], got {alpha!r}")
+    ce_w = fixed.get("ce_weight", 0.0)
+    if not isinstance(ce_w, (int, float)) or ce_w < 0:
+        raise KdbenchError(f"{where}.params.ce_weight: must be a number ≥ 0, got {ce_w!r}")
+    if "ce_weight" in space and space["ce_weight"].type != "categorical" and space["ce_weight"].low < 0:
+        raise KdbenchError(f"{where}.search.ce_weight: must be ≥ 0, got {space['ce_weight'].describe()}")
     resolved = ResolvedEntry(key=entry.key, name=entry.name or entry.key, fixed=fixed, space=space,
                              defaults=defaults, parts=parts, class_weights=entry.class_weights,
                              kd_classes=entry.kd_classes)
