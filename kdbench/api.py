@@ -5,26 +5,43 @@ from pathlib import Path
 from typing import Optional, Union
 
 
-def load_and_check(path: Union[str, Path]):
-    """(the study, its resolved plan): every check ``run`` makes before writing anything (``kdbench validate``)."""
+def load_and_check(path: Union[str, Path], *, out=None, report_dir=None, tracking_uri: Optional[str] = None,
+                   storage: Optional[str] = None):
+    """(the study, its resolved plan): every check ``run`` makes before writing anything (``kdbench validate``),
+    for the same output directory, report directory and stores."""
+    cfg, plan, _, _ = _checked(path, out, report_dir, tracking_uri, storage)
+    return cfg, plan
+
+
+def _checked(path, out, report_dir, tracking_uri, storage):
+    """(study, plan, paths, loaded data) once the whole check phase has passed."""
     from kdbench.config import load_study
-    from kdbench.study.checks import check_study
+    from kdbench.study.checks import check_all
+    from kdbench.study.paths import StudyPaths
 
     cfg = load_study(path)
-    return cfg, check_study(cfg, str(path))
+    paths = StudyPaths.resolve(cfg, out, report_dir, tracking_uri, storage)
+    given = {"--out": out, "--report-dir": report_dir, "--tracking-uri": tracking_uri, "--storage": storage}
+    plan, data = check_all(cfg, str(path), paths, frozenset(k for k, v in given.items() if v))
+    return cfg, plan, paths, data
 
 
 def run_study(path: Union[str, Path], *, out=None, report_dir=None, tracking_uri: Optional[str] = None,
-              storage: Optional[str] = None, quiet: bool = False, worker: bool = False, workers: int = 1,
-              gpus: Optional[list[str]] = None, report: bool = True, log_every: float = 30.0):
+              storage: Optional[str] = None, quiet: bool = False, worker: bool = False, workers: Union[int, str] = 1,
+              gpus: Optional[list[int]] = None, report: bool = True, log_every: float = 30.0):
     """Validate and run the study file at ``path``, then (as the coordinator) write its leaderboard; returns a
     :class:`~kdbench.study.paths.StudySummary`. Progress goes to the ``kdbench`` logger (INFO: runs and an epoch line
     at most every ``log_every`` seconds; DEBUG: every epoch)."""
+    import logging
+
+    from kdbench.study.checks import study_warnings
     from kdbench.study.runner import run_study as run
 
-    cfg, plan = load_and_check(path)
-    summary = run(cfg, plan, out=out, report_dir=report_dir, tracking_uri=tracking_uri, storage=storage,
-                  quiet=quiet, worker=worker, workers=workers, gpus=gpus, log_every=log_every)
+    cfg, plan, paths, data = _checked(path, out, report_dir, tracking_uri, storage)
+    for w in [] if worker else study_warnings(cfg, plan):  # also with --quiet: WARNING passes its filter
+        logging.getLogger("kdbench.study").warning("warning: %s", w)
+    summary = run(cfg, plan, paths=paths, data=data, quiet=quiet, worker=worker, workers=workers, gpus=gpus,
+                  log_every=log_every)
     if report and summary.coordinator:
         from kdbench.report.leaderboard import write_report
         from kdbench.report.store import open_study_store

@@ -14,7 +14,7 @@ def _cmd_run(args) -> int:
     from kdbench.errors import mask_secrets
     from kdbench.study.progress import log_to_stdout
 
-    workers, gpus = _workers(args.workers)
+    workers, gpus = _workers(args.workers), _gpus(args.gpus)
     log_to_stdout(quiet=args.quiet, verbose=args.verbose)
     s = run_study(args.study, out=args.out, report_dir=args.report_dir, tracking_uri=args.tracking_uri,
                   storage=args.storage, quiet=args.quiet, worker=args.worker, workers=workers, gpus=gpus,
@@ -34,18 +34,26 @@ def _cmd_run(args) -> int:
     return 0
 
 
-def _workers(spec: str) -> tuple[int, list[str]]:
-    """``N`` local processes, or ``auto``: one per visible GPU (one process without a GPU)."""
+def _workers(spec: str):
+    """``N`` local processes, or ``auto`` (the rule of :func:`kdbench.sweep.workers.auto_workers`)."""
     from kdbench.errors import KdbenchError
 
     if spec == "auto":
-        import torch
-
-        n = torch.cuda.device_count()
-        return max(1, n), [str(i) for i in range(n)]
+        return spec
     if not spec.isdigit() or int(spec) < 1:
         raise KdbenchError(f"--workers: a positive number or 'auto', got {spec!r}")
-    return int(spec), []
+    return int(spec)
+
+
+def _gpus(spec):
+    from kdbench.errors import KdbenchError
+
+    if spec is None:
+        return None
+    ids = [s.strip() for s in spec.split(",") if s.strip()]
+    if not ids or not all(s.isdigit() for s in ids):
+        raise KdbenchError(f"--gpus: GPU numbers separated by commas (0,1), got {spec!r}")
+    return [int(s) for s in ids]
 
 
 def _cmd_report(args) -> int:
@@ -73,8 +81,10 @@ def _cmd_report(args) -> int:
 
 def _cmd_validate(args) -> int:
     from kdbench.api import load_and_check
+    from kdbench.study.checks import study_warnings
 
-    cfg, entries = load_and_check(args.study)
+    cfg, entries = load_and_check(args.study, out=args.out, report_dir=args.report_dir,
+                                  tracking_uri=args.tracking_uri, storage=args.storage)
     models = lambda specs: " + ".join(s.model for s in specs)  # noqa: E731
     print(f"{args.study}: ok — study {cfg.name!r}, teacher {models(cfg.teachers)}, student "
           f"{', '.join(s.key for s in cfg.students)}, {len(entries)} loss(es) × {cfg.sweep.trials} trials, "
@@ -82,6 +92,8 @@ def _cmd_validate(args) -> int:
     for e in entries:
         space = ", ".join(f"{k} {v.describe()}" for k, v in e.space.items()) or "nothing searched"
         print(f"  {e.key}: {space}")
+    for w in study_warnings(cfg, entries):  # printed, not refused: the study still runs
+        print(f"warning: {w}")
     return 0
 
 
@@ -143,7 +155,7 @@ def _card_text(c) -> str:
         lines.append(f"paper:     {c.paper.title}. {c.paper.authors}. {c.paper.venue} {c.paper.year}{arxiv}")
     lines += [f"reference: {c.reference}", f"needs:     {', '.join(c.needs)}",
               f"defaults:  {', '.join(f'{k}={v}' for k, v in c.defaults.items()) or '–'}; alpha={c.alpha}, "
-              f"weight={c.weight}   (total = (1 − alpha)·CE + alpha·weight·loss)"]
+              f"weight={c.weight}   (total = ce_weight·CE + alpha·weight·loss, ce_weight = 1 − alpha unless set)"]
     if c.stages:
         lines.append(f"reads:     {c.stages}")
     lines += [f"search:    {k} {v.describe()}" for k, v in c.search.items()]
@@ -170,8 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-v", "--verbose", action="store_true", help="a log line for every epoch of every run")
     r.add_argument("--log-every", type=float, default=30.0, metavar="SECONDS",
                    help="without a terminal: at most one epoch line per run every SECONDS (default 30)")
-    r.add_argument("--workers", default="1", help="local worker processes sharing the study's storage, or 'auto' "
-                   "(one per visible GPU)")
+    r.add_argument("--workers", default="1", help="local worker processes sharing the study's storage and the "
+                   "machine (each gets cores/N compute threads; round-robin over the GPUs), or 'auto': one per core, "
+                   "or per 16 GiB of each GPU up to 4 per GPU (capped by cores, trials and memory)")
+    r.add_argument("--gpus", metavar="0,1", help="the GPUs workers are placed on (default: every visible one)")
     r.add_argument("--worker", action="store_true", help="only run trials: join a study whose coordinator (teacher, "
                    "baseline, confirm, report) runs elsewhere")
     r.set_defaults(func=_cmd_run)
@@ -187,8 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--no-figures", action="store_true", help="the table only")
     rep.set_defaults(func=_cmd_report)
 
-    v = sub.add_parser("validate", help="check a study file (schema, registry, model names); runs nothing")
+    v = sub.add_parser("validate", help="check a study file as `run` would (schema, registry, models, data, "
+                       "directories, stores); runs and writes nothing")
     v.add_argument("study")
+    for flag in ("--out", "--report-dir", "--tracking-uri", "--storage"):  # checked as `run` would use them
+        v.add_argument(flag, help=f"as for run ({flag} of `kdbench run`)")
     v.set_defaults(func=_cmd_validate)
 
     ls = sub.add_parser("losses", help="the loss registry (one card in full with NAME)")
@@ -200,8 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C: the current MLflow run ends KILLED and the Optuna trial FAIL."""
+from kdbench.errors import Terminated  # noqa: E402  (here, beside its handler; kdbench.errors imports only re)
 
 
 def _on_sigterm(signum, frame):
@@ -211,15 +227,16 @@ def _on_sigterm(signum, frame):
 def main(argv=None) -> int:
     import signal
 
-    from kdbench.errors import KdbenchError
+    from kdbench.errors import KdbenchError, mask_secrets
 
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
+    _mask_warnings()
     try:
         return args.func(args)
     except KdbenchError as e:
-        print(f"kdbench: error: {e}", file=sys.stderr)
+        print(f"kdbench: error: {mask_secrets(str(e))}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # the reader stopped reading (`kdbench losses --json | head`): not an error; silence the flush at exit
@@ -228,6 +245,24 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as e:
         print("kdbench: terminated" if isinstance(e, Terminated) else "kdbench: interrupted", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
+    except Exception:  # a bug's traceback, as Python prints it, but it may quote a store's URL
+        import traceback
+
+        sys.stderr.write(mask_secrets(traceback.format_exc()))
+        return 1
+
+
+def _mask_warnings() -> None:
+    """Warnings (MLflow's, SQLAlchemy's) may quote a URL: printed with its password hidden."""
+    import warnings
+
+    from kdbench.errors import mask_secrets
+
+    if not getattr(warnings.formatwarning, "_kdbench", False):
+        plain = warnings.formatwarning
+        masked = lambda *a, **k: mask_secrets(plain(*a, **k))  # noqa: E731
+        masked._kdbench = True
+        warnings.formatwarning = masked
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def bad(**changes):
     "study,needle",
     [
         (bad(losses=["kdd"]), "losses[0].name: unknown loss 'kdd'; did you mean 'kd'"),
-        (bad(teacher__epochs=-3), "teacher.epochs: Input should be greater than 0 (got -3)"),
+        (bad(teacher__epochs=-3), "teacher.epochs: Input should be greater than or equal to 0 (got -3)"),
         (bad(train={"epochs": -1}), "train.epochs: Input should be greater than 0 (got -1)"),
         (bad(train={"lr": 0.1, "bogus": 1}), "train.bogus: unknown field"),
         (bad(student__model="resnet_9000"), "student.model: unknown timm model 'resnet_9000'"),
@@ -64,7 +64,7 @@ def test_unreachable_storage_one_line_nothing_written(tmp_path, capsys, monkeypa
     code = main(["run", "s.yaml", "--out", str(tmp_path / "runs" / "s"), "--storage", f"sqlite:///{missing}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert len(err) == 1 and err[0].startswith("kdbench: error: storage: cannot open Optuna storage"), err
+    assert len(err) == 1 and err[0].startswith("kdbench: error: s.yaml: --storage: cannot open sqlite:"), err
     assert set(os.listdir(tmp_path)) == before  # the output directory (and runs/ above it) removed again
 
 def test_validate_ok_and_bad(tmp_path, capsys):
@@ -123,3 +123,23 @@ def test_mismatched_teacher_checkpoint_fails_before_writing(tmp_path, capsys, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "teacher.checkpoint" in err[0] and "100 classes in the checkpoint, 10 in the study" in err[0]
     assert set(os.listdir(tmp_path)) == before
+
+
+def test_validate_warns_and_passes_each_warning_only_where_triggered(tmp_path, capsys):
+    """Too few confirm seeds and a warm-up as long as the run: a warning line each, exit 0; none for the quickstart."""
+    from pathlib import Path
+
+    cases = {
+        "confirm.seeds: 2 seed(s) give 95% intervals 12.7 standard errors wide": bad(confirm={"seeds": 2}),
+        "`dkd`: warmup = 20 epochs ≥ the run's 6 epochs": bad(losses=["dkd"], train={"epochs": 6}),
+        "`kd`: ramp_start + ramp_epochs = 6 epochs ≥ the run's 5 epochs": bad(
+            losses=[{"name": "kd", "params": {"ramp_start": 2, "ramp_epochs": 4}}], train={"epochs": 5}),
+    }
+    for needle, study in cases.items():
+        path = tmp_path / "s.yaml"
+        path.write_text(yaml.safe_dump(study))
+        assert main(["validate", str(path)]) == 0
+        warnings = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warning: ")]
+        assert len(warnings) == 1 and needle in warnings[0], warnings
+    assert main(["validate", str(Path(__file__).parents[1] / "studies" / "quickstart.yaml")]) == 0
+    assert "warning" not in capsys.readouterr().out

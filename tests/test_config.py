@@ -40,7 +40,8 @@ def test_minimal_study_gets_documented_defaults():
     "path,value,pattern",
     [
         ("train.epochs", -1, r"study: train\.epochs: Input should be greater than 0 \(got -1\)"),
-        ("teacher.epochs", 0, r"teacher\.epochs: Input should be greater than 0"),
+        ("teacher.epochs", -1, r"teacher\.epochs: Input should be greater than or equal to 0"),
+        ("teacher.epochs", 0, r"teacher: epochs: 0 uses the teacher as it is: it needs 'pretrained' weights"),
         ("train.optimizer", "rmsprop", r"train\.optimizer: Input should be 'sgd', 'adam' or 'adamw'"),
         ("data.splits", {"train": 0.5, "val": 0.2, "test": 0.2}, r"data\.splits: train \+ val \+ test must be 1"),
         ("data.student_label_noise", 1.5, r"data\.student_label_noise: .*less than 1"),
@@ -155,7 +156,7 @@ def test_several_teachers_and_students():
     check_study(cfg)
     assert [t.weight for t in cfg.teachers] == [1.0, 2.0] and [s.key for s in cfg.students] == ["test_resnet", "wide"]
     d["teacher"][1]["epochs"] = -1
-    with pytest.raises(KdbenchError, match=r"study: teacher\[1\]\.epochs: Input should be greater than 0 \(got -1\)$"):
+    with pytest.raises(KdbenchError, match=r"study: teacher\[1\]\.epochs: Input should be greater than or equal to 0 \(got -1\)$"):
         parse_study(d)
     d["teacher"][1]["epochs"] = 1
     d["student"][1]["label"] = None
@@ -164,3 +165,41 @@ def test_several_teachers_and_students():
     d["student"][1]["model"] = "nope_net"
     with pytest.raises(KdbenchError, match=r"student\[1\]\.model: unknown timm model 'nope_net'"):
         check_study(parse_study(d))
+
+
+def test_ce_weight_gives_exactly_published_weights_in_the_logged_parts(logits):
+    """``ce_weight: 1.0`` with alpha: total = 1.0·CE + alpha·weight·loss (DKD's 1.0·CE + 1.0·DKD is writable);
+    unset, it stays (1 − alpha)·CE."""
+    import torch
+
+    from kdbench.engine.objectives import Batch, DistillObjective
+    from kdbench.engine.teacher_outputs import TeacherProvider
+
+    zs, _, y = logits
+    (e, plain) = check_study(parse_study(with_("losses", [
+        {"name": "kd", "params": {"ce_weight": 1.0, "alpha": 0.6, "weight": 2.0}},
+        {"name": "kd", "label": "plain", "params": {"alpha": 0.6}}])))
+    assert "ce_weight" not in e.space and e.values({})["ce_weight"] == 1.0
+    for entry in (e, plain):
+        loss, mix = entry.build(entry.values({}))
+        obj = DistillObjective(loss, TeacherProvider([torch.nn.Linear(10, 10)]), mix["alpha"], mix["weight"],
+                               ce_weight=mix["ce_weight"])
+        total, terms = obj(torch.nn.Linear(10, 10), Batch(x=zs, y=y, idx=torch.arange(len(y)), epoch=0.0))
+        weights = (1.0, 0.6 * 2.0) if entry is e else (1.0 - 0.6, 0.6)
+        assert terms["weighted_ce"].item() == (weights[0] * terms["ce"]).item()
+        assert terms["weighted_kd"].item() == (weights[1] * terms["kd"]).item()
+        assert total.item() == (terms["weighted_ce"] + terms["weighted_kd"]).item()
+    with pytest.raises(KdbenchError, match=r"losses\[0\]\.params\.ce_weight: must be a number ≥ 0, got -1"):
+        check_study(parse_study(with_("losses", [{"name": "dkd", "params": {"ce_weight": -1}}])))
+
+
+def test_reference_rows_checked_and_outside_the_fingerprint():
+    ref = {"source": "Table 1 of a paper", "acc": {"teacher": 79.42, "ce": 72.5, "kd": 73.33}}
+    assert parse_study({**BASE, "reference": ref}).fingerprint() == parse_study(BASE).fingerprint()
+    check_study(parse_study({**BASE, "reference": ref}))
+    bad = {**ref, "acc": {"dkd": 76.32}}
+    rows = r"rows are \['teacher', 'ce', 'kd'\]"
+    with pytest.raises(KdbenchError, match=r"reference\.acc\.dkd: no such leaderboard row; " + rows):
+        check_study(parse_study({**BASE, "reference": bad}))
+    with pytest.raises(KdbenchError, match=r"reference\.acc\.kd: Input should be less than or equal to 100"):
+        parse_study({**BASE, "reference": {**ref, "acc": {"kd": 0.7333 * 1000}}})

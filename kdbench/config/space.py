@@ -1,6 +1,7 @@
 """Search-space entries, shared by loss cards (their defaults) and study files (their overrides)."""
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -30,6 +31,13 @@ class SearchParam(StrictModel):
             return self
         if self.low is None or self.high is None:
             raise ValueError(f"a {self.type} parameter needs 'low' and 'high'")
+        if not all(math.isfinite(v) for v in (self.low, self.high, self.step or 1)):
+            raise ValueError("'low', 'high' and 'step' must be finite numbers")
+        if self.step is not None and self.step <= 0:
+            raise ValueError(f"step must be > 0, got {self.step:g}")
+        if self.type == "int" and any(v is not None and v != int(v) for v in (self.low, self.high, self.step)):
+            # Optuna would round them silently, or fail mid-sweep
+            raise ValueError("an int parameter needs whole-number 'low', 'high' and 'step'")
         if self.low > self.high:
             raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
         if self.log and self.low <= 0:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -24,13 +25,26 @@ def _umask() -> int:
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file and rename: an interrupted run never leaves a half-written file. The file gets
-    the mode a plain ``open`` would give (0666 minus the umask): safetensors writes 0600, and a teacher cache shared
-    by a group must be readable by it."""
+    the mode a plain ``open`` would give (0666 minus the umask; safetensors writes 0600), and is readable by the
+    group and others when its directory is: a teacher cache shared by a group must be readable by it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.chmod(tmp, (0o666 & ~_umask()) | (path.parent.stat().st_mode & 0o044))
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C: no half-written temporary left behind either
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def set_aside(path: Path, why: str, log) -> Path:
+    """Move a corrupt cache file aside (``<name>.corrupt``, kept for a post-mortem), saying so in ``log``; the
+    caller builds it again."""
+    aside = path.with_name(path.name + ".corrupt")
+    os.replace(path, aside)
+    log.warning("cache: %s is corrupt (%s): moved aside to %s, building it again", path, why, aside.name)
+    return aside
 
 
 def _tensors(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
@@ -54,7 +68,12 @@ def read_state(path: Path, what: str) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise KdbenchError(f"{what}: cannot load {path} safely: {str(e).splitlines()[0]}") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "Weights only load failed" in why:
+            why = "unpickling it would run code or build objects other than tensors (refused)"
+        elif path.suffix != ".safetensors" and not zipfile.is_zipfile(path):
+            why = f"neither safetensors nor a file of torch.save ({why})"
+        raise KdbenchError(f"{what}: cannot load {path} safely: {why}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -14,6 +14,8 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
+from kdbench.errors import mask_secrets
+
 log = logging.getLogger(__name__)  # under "kdbench", which the CLI routes
 
 
@@ -27,6 +29,13 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+class _Masked(logging.Formatter):
+    """No password of a URL in a log line (or its traceback), whoever wrote it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return mask_secrets(super().format(record))
+
+
 def log_to_stdout(quiet: bool = False, verbose: bool = False) -> None:
     """Route kdbench's log lines to stdout with a timestamp: INFO (runs, throttled epochs), DEBUG with ``verbose``
     (every epoch), WARNING with ``quiet`` (errors; the summary is printed apart)."""
@@ -34,7 +43,7 @@ def log_to_stdout(quiet: bool = False, verbose: bool = False) -> None:
     for h in [h for h in logger.handlers if getattr(h, "_kdbench", False)]:
         logger.removeHandler(h)
     handler = _TqdmHandler(sys.stdout) if sys.stdout.isatty() else logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(_Masked("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
     handler._kdbench = True
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
@@ -84,9 +93,10 @@ class Progress:
         level = logging.INFO if now - self.last_line >= self.every_s else logging.DEBUG
         if log.isEnabledFor(level):
             self.last_line = now
+            val = f" val_acc {stats.val_acc:.4f}" if stats.val_acc is not None else ""  # a trial's skipped epochs
             test = f" test_acc {stats.test_acc:.4f}" if stats.test_acc is not None else ""
-            log.log(level, "%s: epoch %d/%d val_acc %.4f%s train_loss %.4f (%s; %s)", self.desc, stats.epoch,
-                    self.epochs, stats.val_acc, test, stats.train_loss, _duration(now - self.started), self.eta())
+            log.log(level, "%s: epoch %d/%d%s%s train_loss %.4f (%s; %s)", self.desc, stats.epoch,
+                    self.epochs, val, test, stats.train_loss, _duration(now - self.started), self.eta())
 
     def done(self, line: str, eta: bool = True) -> None:
         """The current run ended (or was found finished): its summary line. ``eta=False``: a run unlike the study's
