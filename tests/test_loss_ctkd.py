@@ -89,3 +89,40 @@ def test_temperature_is_trained_logged_and_checkpointed(tmp_path):
     path = save_checkpoint(tmp_path / "s.safetensors", student, loss, {})
     saved = load_file(str(path))
     assert saved["loss.global_t"].item() == pytest.approx(loss.global_t.item())
+
+
+def test_fused_node_with_per_sample_weights_and_a_tensor_temperature(logits):
+    """The one-node path (kd's fused numerics plus a closed-form T gradient) under non-uniform row weights, against
+    the float64 autograd chain; T as a 1-element tensor (the path a GPU takes, no host sync) gives the same."""
+    from kdbench.losses.ctkd import _CTKDRows
+
+    zs, zt, _ = logits
+    w = torch.linspace(0.1, 2.0, zs.shape[0])
+    loss = create_loss("ctkd", init=0.3)
+    a = zs.clone().requires_grad_(True)
+    (loss(out(a), out(zt), reduction="none", epoch=2.0) * w).sum().backward()
+    b = zs.double().clone().requires_grad_(True)
+    theta = torch.full((1,), 0.3, dtype=torch.float64, requires_grad=True)
+    t = 1.0 + 20.0 * torch.sigmoid(theta)
+    ref = ((F.kl_div(F.log_softmax(b / t, 1), F.softmax(zt.double() / t, 1), reduction="none").sum(1) * t * t)
+           * w.double()).sum()
+    ref.backward()
+    torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-7)
+    # θ's gradient is a small difference of O(1) sums: float32 is ~1e-3 off here (the autograd chain too, by 1.4e-3)
+    torch.testing.assert_close(loss.global_t.grad.double(), theta.grad * loss.strength(2.0), rtol=2e-3, atol=1e-7)
+    # the closed form itself is exact: the node in float64 against the float64 chain
+    th64 = torch.full((1,), 0.3, dtype=torch.float64, requires_grad=True)
+    s64 = torch.sigmoid(th64.detach())
+    (_CTKDRows.apply(zs.double(), zt.double(), th64, 1.0 + 20.0 * s64, 20.0 * s64 * (1 - s64)) * w.double()).sum().backward()
+    torch.testing.assert_close(th64.grad, theta.grad, rtol=1e-9, atol=0.0)
+    # the same node with T and λ·dT/dθ as 1-element tensors
+    sig = torch.sigmoid(torch.tensor([0.3]))
+    c = zs.clone().requires_grad_(True)
+    th = torch.full((1,), 0.3, requires_grad=True)
+    t_tensor, dt = 1.0 + 20.0 * sig, loss.strength(2.0) * 20.0 * sig * (1 - sig)
+    (_CTKDRows.apply(c, zt, th, t_tensor, dt) * w).sum().backward()
+    torch.testing.assert_close(c.grad, a.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(th.grad, loss.global_t.grad, rtol=1e-5, atol=1e-8)
+    with pytest.raises(RuntimeError, match="double backward"):
+        v = loss(out(zs.clone().requires_grad_(True)), out(zt))
+        torch.autograd.grad(torch.autograd.grad(v, loss.global_t, create_graph=True)[0].sum(), loss.global_t)

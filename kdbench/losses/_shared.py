@@ -1,5 +1,6 @@
 """Base classes that two losses share, so that neither imports the other: :class:`NormalizedFeatureLoss`
-(l1_feat, l2_feat) and :class:`MemoryContrastLoss` (crd, crcd), with the machinery only they use.
+(l1_feat, l2_feat), :class:`HintRegressorLoss` (fitnet, wkd_f) and :class:`MemoryContrastLoss` (crd, crcd), with the
+machinery only they use.
 
 Not a loss module (nothing here is registered); ``needs`` and default parameters are the subclasses' cards'.
 """
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 
 from kdbench.errors import KdbenchError
 from kdbench.losses.base import DistillLoss, LossContext, Outputs
-from kdbench.losses.functional import check_index_list, linear_projector, match_spatial, require_setup, \
+from kdbench.losses.functional import check_index_list, conv_reg, linear_projector, match_spatial, require_setup, \
     resolve_indices, unit
 
 SPATIAL_AVG = ("mean", "none")
@@ -86,6 +87,61 @@ class NormalizedFeatureLoss(DistillLoss):
             # Σ over channels, mean over tokens: the batch mean is the seed's mean over all leading dims
             total = total + d.sum(dim=-1).mean(dim=1)
         return total
+
+
+# --- one hint stage through a trainable ConvReg (fitnet, wkd_f)
+
+
+class HintRegressorLoss(DistillLoss):
+    """features[hint_layer] of student and teacher (same index), the student's through ``reg``, a ConvReg
+    (:func:`~kdbench.losses.functional.conv_reg`) built in ``setup`` from the probe shapes; subclasses compare the
+    maps :meth:`regressed` gives."""
+
+    # reg is a random conv + BN + ReLU even for equal shapes, so identical student/teacher maps give neither a
+    # zero value nor a zero gradient (card notes)
+    at_equality = "none"
+
+    def __init__(self, hint_layer: int):
+        super().__init__()
+        if isinstance(hint_layer, bool) or not isinstance(hint_layer, int):
+            raise KdbenchError(f"hint_layer must be an int index into the feature list, got {hint_layer!r}")
+        self.hint_layer = hint_layer
+        self.reg: Optional[nn.Module] = None
+        self._ready = False
+
+    def _pair(self, student: Outputs, teacher: Outputs) -> tuple[Tensor, Tensor]:
+        i = resolve_indices(self.name, "hint_layer", [self.hint_layer], len(student.features), len(teacher.features))
+        return student.features[i[0]], teacher.features[i[0]]
+
+    def setup(self, student: Outputs, teacher: Outputs, ctx) -> None:
+        if student.features is None or teacher.features is None:
+            raise ValueError(f"loss {self.name!r} needs student and teacher features in setup")
+        fs, ft = self._pair(student, teacher)
+        if fs.dim() != 4 or ft.dim() != 4:
+            raise ValueError(f"loss {self.name!r} needs (B, C, H, W) hint maps, got {tuple(fs.shape)}, {tuple(ft.shape)}")
+        reg = conv_reg(fs.shape, ft.shape, device=fs.device)
+        # the kernel rule looks at H only: check the full output shape once, in eval mode (no BN statistics)
+        with torch.no_grad():
+            got = reg.eval()(torch.zeros(1, *fs.shape[1:], device=fs.device)).shape[1:]
+        if got != ft.shape[1:]:
+            raise KdbenchError(
+                f"hint_layer: ConvReg maps {tuple(fs.shape[1:])} to {tuple(got)}, not the teacher's {tuple(ft.shape[1:])}"
+            )
+        self.reg = reg.train(self.training)
+        self._channels = (fs.shape[1], ft.shape[1])
+        self._ready = True
+
+    def regressed(self, student: Outputs, teacher: Outputs) -> tuple[Tensor, Tensor]:
+        """(reg(F_s), F_t), both float32 and of the teacher's shape."""
+        require_setup(self)
+        fs, ft = self._pair(student, teacher)
+        if (fs.shape[1], ft.shape[1]) != self._channels:
+            raise ValueError(f"loss {self.name!r} was set up for hint channels {self._channels} (student, teacher), "
+                             f"got {(fs.shape[1], ft.shape[1])}")
+        out = self.reg(fs.float()).float()
+        if out.shape != ft.shape:
+            raise ValueError(f"loss {self.name!r}: regressor output {tuple(out.shape)} != teacher hint {tuple(ft.shape)}")
+        return out, ft.float()
 
 
 # --- memory-bank contrast (crd, crcd): RepDistiller's CRD machinery

@@ -56,6 +56,22 @@ def kl_rows(p_log_target: Tensor, p_log_input: Tensor) -> Tensor:
     return (p_log_target.exp() * (p_log_target - p_log_input)).sum(dim=-1)
 
 
+def tempered_kl_terms(zs: Tensor, zt: Tensor, t) -> tuple[Tensor, Tensor, Tensor]:
+    """(log p_s, p_t, p_t·(log p_t − log p_s)) for p = softmax(z/T), T a float or a 1-element tensor: the last,
+    summed over classes, is KL(p_t ‖ p_s), finite where probabilities underflow (as kl_rows). The forward of the
+    fused KD nodes (kd, ctkd); in place on buffers made here: fewer fresh B×C buffers is measurably faster."""
+    tensor_t = isinstance(t, Tensor)  # no `t == 1` test on a tensor: that would sync a GPU
+    log_ps = F.log_softmax(zs / t if tensor_t else scaled(zs, t), dim=1)
+    log_pt = F.log_softmax(zt / t if tensor_t else scaled(zt, t), dim=1)
+    pt = fast_exp(log_pt)
+    return log_ps, pt, log_pt.sub_(log_ps).mul_(pt)
+
+
+def tempered_kl_student_grad(log_ps: Tensor, pt: Tensor, scale: Tensor) -> Tensor:
+    """(p_s − p_t)·scale per row: d(T²·KL)/dz_s times the incoming gradient g when scale = g·T."""
+    return fast_exp(log_ps).sub_(pt).mul_(scale.unsqueeze(1))
+
+
 def check_temperature(temperature: float) -> float:
     if not temperature > 0:
         raise KdbenchError(f"temperature must be > 0, got {temperature}")

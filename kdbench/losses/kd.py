@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kdbench.losses._registry import register_loss
 from kdbench.losses.base import DistillLoss
-from kdbench.losses.functional import check_temperature, fast_exp, first_order_only, scaled
+from kdbench.losses.functional import check_temperature, first_order_only, tempered_kl_student_grad, \
+    tempered_kl_terms
 
 
 class _KDRows(torch.autograd.Function):
@@ -18,12 +18,8 @@ class _KDRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, zs: Tensor, zt: Tensor, t: float) -> Tensor:
-        log_ps = F.log_softmax(scaled(zs, t), dim=1)
-        log_pt = F.log_softmax(scaled(zt, t), dim=1)
-        pt = fast_exp(log_pt)
-        # Σ p_t (log p_t − log p_s), as kl_rows: finite even where probabilities underflow to 0. In-place ops on
-        # buffers made here: fewer fresh B×C buffers is measurably faster at this size
-        values = log_pt.sub_(log_ps).mul_(pt).sum(dim=1).mul_(t * t)
+        log_ps, pt, terms = tempered_kl_terms(zs, zt, t)  # shared with ctkd's node
+        values = terms.sum(dim=1).mul_(t * t)
         # intermediates (not inputs or outputs) may live on ctx; cheaper than save_for_backward
         ctx.log_ps, ctx.pt, ctx.t = log_ps, pt, t
         return values
@@ -31,9 +27,8 @@ class _KDRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         first_order_only()
-        log_ps, pt = ctx.log_ps, ctx.pt
         # d(T²·KL)/dz_s = T²·(p_s − p_t)/T; the teacher is a constant
-        return fast_exp(log_ps).sub_(pt).mul_((grad * ctx.t).unsqueeze(1)), None, None
+        return tempered_kl_student_grad(ctx.log_ps, ctx.pt, grad * ctx.t), None, None
 
 
 def kd_rows(zs: Tensor, zt: Tensor, t: float) -> Tensor:
