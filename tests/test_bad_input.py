@@ -182,7 +182,7 @@ def test_setup_failure_leaves_output_dir_as_it_was(tmp_path, capsys, monkeypatch
     if fail_at == "tracker":
         monkeypatch.setattr(runner, "MlflowTracker", fail)
     else:
-        monkeypatch.setattr(runner.StudyRunner, "_end_orphans", fail)
+        monkeypatch.setattr(runner, "end_orphans", fail)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(study()))
     before = _tree(tmp_path)

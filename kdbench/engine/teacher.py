@@ -201,8 +201,10 @@ def _rescued(weights_file: Path, state: dict, meta: dict, e: OSError) -> Kdbench
     where = Path(tempfile.gettempdir()) / "kdbench-teachers" / weights_file.name
     try:
         _save(where, state, meta)
-        saved = f"the trained weights are saved in {where} (and .json): move both into {weights_file.parent} to use them"
+        saved = (f"the trained weights are saved in {where} (and .json): move both into {weights_file.parent} to "
+                 f"use them")
     except OSError:
-        saved = f"not saved elsewhere either ({where.parent}): free {need} there or set teacher.cache_dir, and run again"
+        saved = (f"not saved elsewhere either ({where.parent}): free {need} there or set teacher.cache_dir, and "
+                 f"run again")
     return KdbenchError(f"teacher cache {weights_file.parent}: {e.strerror or e} while saving the trained teacher "
                         f"({need}); {saved}")

@@ -106,6 +106,8 @@ class CoordinatorLease:
         try:
             if self._update(sa.and_(t.c.name == self.name, t.c.holder == self.holder), holder=None) != 1:
                 log.warning("coordinator lease of %r: taken over by another process before its release", self.name)
+        except Exception as e:  # the database went away: the lease goes stale, and is taken over in time
+            log.warning("coordinator lease of %r: not released: %s", self.name, mask_secrets(str(e)).splitlines()[0])
         finally:
             self._engine.dispose()
 

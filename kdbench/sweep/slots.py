@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any, Callable, Optional
 
@@ -15,7 +16,10 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from kdbench.errors import mask_secrets, stop_reason
 from kdbench.sweep.storage import has_heartbeat
+
+log = logging.getLogger(__name__)
 
 
 #: Optuna user attrs kdbench sets on trials: why a trial was pruned or failed, which trial holds the paper defaults,
@@ -102,6 +106,21 @@ def pending(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)))
 
 
+def fail(study: optuna.Study, trial: optuna.Trial, e: BaseException) -> None:
+    """Tell a trial FAIL because of ``e``, which is then raised. Interrupted (Ctrl-C, SIGTERM), it is re-offered as a
+    WAITING copy at once, as the storage does for a trial whose process died (SIGKILL). Storage errors here are only
+    logged: the exception on its way (perhaps the storage's own fault) is the one to raise."""
+    stopped = isinstance(e, KeyboardInterrupt)
+    try:
+        trial.set_user_attr(REASON, stop_reason(e) if stopped else f"{type(e).__name__}: {e}"[:500])
+        frozen = study.tell(trial, state=TrialState.FAIL)
+        if stopped:
+            retry = getattr(study._storage, "get_failed_trial_callback", lambda: None)()
+            (retry or RetryHeartbeatStaleTrialCallback(max_retry=2))(study, frozen)
+    except Exception as err:
+        log.warning("trial %d: could not be told FAIL: %s", trial.number, mask_secrets(str(err)).splitlines()[0])
+
+
 def run_slots(study: optuna.Study, objective: Callable[[optuna.Trial], float],
               done: Callable[[optuna.trial.FrozenTrial], None]) -> None:
     """Claim and run WAITING trials until none is left. Pruned trials are told PRUNED, ``TrialFailed`` FAIL (and
@@ -122,8 +141,7 @@ def run_slots(study: optuna.Study, objective: Callable[[optuna.Trial], float],
                 trial.set_user_attr(REASON, str(e))
                 frozen = study.tell(trial, state=TrialState.FAIL)
             except BaseException as e:
-                trial.set_user_attr(REASON, f"{type(e).__name__}: {e}"[:500])
-                study.tell(trial, state=TrialState.FAIL)
+                fail(study, trial, e)
                 raise
             else:
                 frozen = study.tell(trial, value)

@@ -207,13 +207,14 @@ class MlflowTracker(Tracker):
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, metric)]
 
     def log_model(self, run_id: str, model: Any, input_example: Any, pip_requirements: list[str]) -> None:
-        """``mlflow.pytorch.log_model`` (MLflow's traced pt2 format: no pickle) into run ``run_id``."""
+        """``mlflow.pytorch.log_model`` (MLflow's traced pt2 format: no pickle) into run ``run_id``, without making it
+        the active run: reopening it would end it FAILED on an interrupted export (or leave it RUNNING when killed),
+        and a resumed study would train it again; it stays FINISHED, and the study exports it again."""
         import mlflow
 
         mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=run_id):
-            mlflow.pytorch.log_model(model, name="student", input_example=input_example,
-                                     pip_requirements=pip_requirements)
+        mlflow.pytorch.log_model(model, name="student", input_example=input_example, pip_requirements=pip_requirements,
+                                 run_id=run_id)
 
 
 def newest_study_experiment(uri: str) -> str:
