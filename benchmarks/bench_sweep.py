@@ -1,7 +1,7 @@
 """Benchmark 4: sweep efficiency with and without the median pruner on the same study and seed.
 
 ``run_study`` runs a quickstart-like study (kd loss, more trials) twice per seed, with ``sweep.pruner: median`` and
-``none``; epochs are counted from each trial's MLflow ``val_acc`` history and accuracies read back with
+``none``; epochs are counted from each trial's MLflow ``train_loss`` history and accuracies read back with
 ``kdbench.report.runs_frame``. The baseline, confirm and leaderboard phases do not depend on the pruner, so they are
 patched out for the duration of this benchmark to keep it short.
 """
@@ -47,7 +47,8 @@ def sweep_trials(summary) -> list[dict]:
     out = []
     for row in trials.itertuples():
         run = tracker.client.get_run(row.run_id)
-        epochs = len(tracker.client.get_metric_history(row.run_id, "val_acc"))
+        # train_loss: every epoch (a trial validates only where its pruner looks)
+        epochs = len(tracker.client.get_metric_history(row.run_id, "train_loss"))
         seconds = ((run.info.end_time or run.info.start_time) - run.info.start_time) / 1e3
         out.append({"trial": int(row.trial), "state": row.state, "epochs": epochs, "seconds": seconds,
                     "params": dict(row.params),
@@ -172,7 +173,7 @@ def run(args) -> common.Section:
         f"TPE sampler and "
         f"seed for all; device `{args.device}`, {args.threads} thread(s). Baseline, "
         "confirm and leaderboard are patched out (they do not depend on the pruner). Epochs = length of each trial's "
-        "MLflow `val_acc` history; accuracies are each completed trial's selected validation accuracy "
+        "MLflow `train_loss` history; accuracies are each completed trial's selected validation accuracy "
         f"(validation split: {n_val} images, so one image is {100 / n_val:.2f} pt).",
         "",
         "`epochs to reach` = cumulative trial epochs, in trial order, until the first completed trial with "

@@ -68,8 +68,17 @@ def test_verbose_logs_every_epoch(tmp_path, capsys):
     study = write(tmp_path / "v.yaml", {**STUDY, "name": "v", "losses": ["kd"], "sweep": {"trials": 1}})
     assert main(["run", str(study), "--out", str(tmp_path / "out"), "--report-dir", str(tmp_path / "r"), "-v"]) == 0
     out = capsys.readouterr().out
-    epochs = re.findall(STAMP + r"kd trial 0: epoch (\d)/2 val_acc [\d.]+ test_acc", out, flags=re.M)
+    # a trial: validated where the pruner looks (from its warm-up, epoch 1 of 2) and tested once, at the selected
+    # (last) epoch; a confirm run: both splits every epoch (its curves)
+    epochs = re.findall(STAMP + r"kd trial 0: epoch (\d)/2 val_acc [\d.]+( test_acc)?", out, flags=re.M)
+    assert epochs == [("1", ""), ("2", " test_acc")]
+    epochs = re.findall(STAMP + r"confirm kd seed 0: epoch (\d)/2 val_acc [\d.]+ test_acc", out, flags=re.M)
     assert epochs == ["1", "2"]
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    trial = next(r for r in c.search_runs([c.get_experiment_by_name("v").experiment_id])
+                 if r.data.tags["kdbench.role"] == "trial")
+    assert [m.step for m in c.get_metric_history(trial.info.run_id, "test_acc")] == [2]
+    assert trial.data.metrics["selected_test_acc"] == trial.data.metrics["test_acc"]
 
 
 def test_quiet_keeps_only_the_summary(tmp_path, capsys):

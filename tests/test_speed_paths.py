@@ -1,5 +1,9 @@
-"""The fast paths give the same numbers as the slow ones: cached vs live teacher outputs, and the on-device
-augmentation's seeded repeatability and crop range (what tests/test_data.py does not already cover)."""
+"""The fast paths give the same numbers as the slow ones: cached vs live teacher outputs, the on-device
+augmentation's seeded repeatability and crop range (what tests/test_data.py does not already cover), and trials
+that evaluate only where it counts yet train the same weights."""
+from types import SimpleNamespace
+
+import optuna
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +15,9 @@ from kdbench.losses.base import LossContext
 from kdbench.models import create_model
 from kdbench.engine.teacher_outputs import TeacherProvider
 from kdbench.engine.objectives import Batch, DistillObjective
+from kdbench.data.streaming import LazyImages
+from kdbench.engine import train as train_mod
+from kdbench.sweep.samplers import make_pruner, pruning_epochs, pruning_possible, trial_val_epochs
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +112,102 @@ def test_crop_flip_offsets_cover_exactly_the_crop_range():
 def test_crop_flip_no_op_without_pad_or_flip():
     x = torch.randn(4, 1, 5, 5)
     assert torch.equal(random_crop_flip(x, torch.Generator().manual_seed(0), pad=0, hflip=False), x)
+
+
+# -- evaluation only where it counts: fewer evaluations, the same training ----------------------------------------
+class Streamed(LazyImages):
+    """A streamed set (its DataLoader draws a seed from the global RNG when evaluated), from a tensor."""
+
+    def __init__(self, x):
+        self.x = x
+
+    @property
+    def shape(self):
+        return tuple(self.x.shape)
+
+    def load(self, i, epoch=None):
+        return self.x[i]
+
+    def to(self, device, **_):
+        return self
+
+
+RECIPE = SimpleNamespace(epochs=5, batch_size=16, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
+                         schedule="cosine", milestones=[], gamma=0.1)
+
+
+def sets(streamed: bool):
+    g = torch.Generator().manual_seed(0)
+    make = lambda n: TensorSet(torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g))  # noqa
+    train, val, test = make(64), make(40), make(24)
+    if streamed:
+        val, test = TensorSet(Streamed(val.x), val.y), TensorSet(Streamed(test.x), test.y)
+    return train, val, test
+
+
+def net():
+    torch.manual_seed(1)  # dropout draws from the global RNG while training: evaluation must not move it
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Flatten(),
+                               torch.nn.Linear(8 * 36, 4))
+
+
+def counted_fit(monkeypatch, train, val, test, **kw):
+    """(fit's result, the trained net, the evaluations as (set size, epoch))."""
+    calls, seen = [], []
+    evaluate = train_mod.evaluate
+    monkeypatch.setattr(train_mod, "evaluate", lambda m, d, p="fp32": calls.append(len(d)) or evaluate(m, d, p))
+    model = net()
+    result = train_mod.fit(model, train, val, RECIPE, device=torch.device("cpu"), seed=3, test=test, augment_pad=1,
+                           hflip=True, on_epoch=lambda s: seen.append(len(calls)), **kw)
+    monkeypatch.setattr(train_mod, "evaluate", evaluate)
+    return result, model, calls
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("select", ["last", "best"])
+def test_trial_evaluates_test_once_and_trains_the_same_weights(monkeypatch, streamed, select):
+    train, val, test = sets(streamed)
+    every, net_every, calls_every = counted_fit(monkeypatch, train, val, test)
+    assert calls_every.count(len(val)) == calls_every.count(len(test)) == RECIPE.epochs  # confirm runs: curves
+    val_epochs = None if select == "best" else {3}
+    trial, net_trial, calls_trial = counted_fit(monkeypatch, train, val, test, val_epochs=val_epochs,
+                                                test_at=select)
+    assert calls_trial.count(len(test)) == 1  # the test split once, at the selected epoch
+    assert calls_trial.count(len(val)) == (RECIPE.epochs if select == "best" else 2)  # epoch 3 and the last
+    # bit-identical training, and the same numbers where both evaluated
+    for a, b in zip(net_every.state_dict().values(), net_trial.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [s.train_loss for s in every.history] == [s.train_loss for s in trial.history]
+    assert [s.val_acc for s in trial.history if s.val_acc is not None] == \
+        [s.val_acc for s in every.history if val_epochs is None or s.epoch in val_epochs | {RECIPE.epochs}]
+    chosen = trial.selected(select)
+    assert chosen.epoch == every.selected(select).epoch
+    assert chosen.test_acc == every.history[chosen.epoch - 1].test_acc  # best: that epoch's weights, kept
+    assert [s.test_acc is not None for s in trial.history].count(True) == 1
+
+
+PRUNERS = {
+    "median, warm-up 5": lambda: make_pruner(SimpleNamespace(pruner="median", pruner_startup_trials=2,
+                                                             pruner_warmup_epochs=5), 15),
+    "no warm-up, interval 2": lambda: optuna.pruners.MedianPruner(n_warmup_steps=0, interval_steps=2),
+    "warm-up 2, interval 3": lambda: optuna.pruners.MedianPruner(n_warmup_steps=2, interval_steps=3),
+    "percentile": lambda: optuna.pruners.PercentilePruner(40.0, n_warmup_steps=3, interval_steps=2),
+    "none": optuna.pruners.NopPruner,
+}
+
+
+@pytest.mark.parametrize("name", PRUNERS)
+def test_trials_validate_exactly_where_the_pruner_can_prune(name):
+    pruner, epochs = PRUNERS[name](), 15
+    every = [e for e in range(1, epochs + 1) if pruning_possible(pruner, list(range(1, e + 1)))]
+    needed = sorted(pruning_epochs(pruner, epochs))
+    assert needed == every  # reported only there, the pruner is asked at the same epochs
+    assert [e for e in needed if pruning_possible(pruner, [s for s in needed if s <= e])] == needed
+    assert trial_val_epochs(pruner, epochs, "last") == set(needed) | {epochs}
+    assert trial_val_epochs(pruner, epochs, "best") is None
+    assert trial_val_epochs(UnknownPruner(), epochs, "last") is None
+
+
+class UnknownPruner(optuna.pruners.MedianPruner):
+    def prune(self, study, trial):
+        return False

@@ -11,6 +11,7 @@ import time
 import urllib.request
 from contextlib import closing
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -81,7 +82,10 @@ def check_exact(storage, name, n, mlflow_uri):
 
 
 def test_two_local_workers_finish_exactly_n_trials(tmp_path, monkeypatch):
+    from kdbench.sweep import workers as local
+
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(local, "cores", lambda: 4)  # 2 threads each: not what OMP_NUM_THREADS=1 gives anyway
     (tmp_path / "w.yaml").write_text(yaml.safe_dump(study("w", trials=6)))
     assert main(["run", "w.yaml", "--workers", "2", "-q"]) == 0
     out = tmp_path / "runs" / "w"
@@ -89,6 +93,8 @@ def test_two_local_workers_finish_exactly_n_trials(tmp_path, monkeypatch):
     assert len(trials) == 6  # no overshoot: the slots were claimed, not created
     workers = {r[0].data.tags["kdbench.worker"] for r in runs.values()}
     assert 1 <= len(workers) <= 2
+    # the coordinator and the forked worker each ran their trials on their share of the cores
+    assert {r[0].data.tags["kdbench.threads"] for r in runs.values()} == {"2"}
     assert "| 1 " in (tmp_path / "reports" / "w" / "LEADERBOARD.md").read_text()
 
 
@@ -175,8 +181,8 @@ def test_worker_killed_mid_trial_then_resumed(tmp_path):
     text = (tmp_path / "reports" / "k" / "LEADERBOARD.md").read_text()
     row = next(ln for ln in text.splitlines() if ln.startswith("| 1 ") and "`kd`" in ln or
                ln.startswith("| 2 ") and "`kd`" in ln)
-    assert "| 3/0/1 " in row  # 3 finished, the killed one failed once, nothing counted twice
-    assert "Incomplete" not in text and "**Failed or killed**: 1 trial run(s) KILLED" in text
+    assert "| 3/0/0 " in row  # 3 finished; the killed one was retried, not failed, nothing counted twice
+    assert "Incomplete" not in text and "**Retried**: 1 trial run(s) interrupted (KILLED) and run again" in text
 
 
 def _free_port():
@@ -338,3 +344,105 @@ def test_sigterm_ends_runs_killed(tmp_path):
     runs = c.search_runs([c.get_experiment_by_name("t").experiment_id], max_results=100)
     status = {r.data.tags["kdbench.role"]: r.info.status for r in runs if r.data.tags["kdbench.role"] in ("study", "trial")}
     assert status == {"study": "KILLED", "trial": "KILLED"}
+
+
+# -- sharing the machine: threads and GPUs (CUDA mocked at the boundary: torch.cuda's device queries) -------------
+@pytest.mark.parametrize("n_cores,n,threads", [(2, 1, 2), (2, 2, 1), (2, 3, 1), (16, 3, 5), (16, 4, 4), (8, 8, 1)])
+def test_threads_per_worker_share_the_cores(n_cores, n, threads):
+    from kdbench.sweep.workers import threads_per_worker
+
+    assert threads_per_worker(n, n_cores) == threads
+
+
+def fake_gpus(monkeypatch, n_gpus, gib=80):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n_gpus)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(total_memory=gib * 2 ** 30) if i < n_gpus else 1 / 0)
+
+
+class FakeContext:
+    """multiprocessing's forkserver context, recording what each worker would be started with."""
+
+    def __init__(self):
+        self.started = []
+
+    def set_forkserver_preload(self, modules):
+        self.preload = modules
+
+    def Process(self, target, args):  # noqa: N802 (multiprocessing's name)
+        ctx = self
+
+        class P:
+            def start(self):
+                ctx.started.append(dict(zip(("argv", "threads", "cuda"), args), env=dict(os.environ)))
+        return P()
+
+
+@pytest.mark.parametrize("n_gpus", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", range(1, 9))
+def test_workers_placed_round_robin_on_the_gpus(n, n_gpus, monkeypatch, tmp_path):
+    import torch
+
+    from kdbench.sweep import workers
+
+    fake_gpus(monkeypatch, n_gpus)
+    monkeypatch.setattr(workers, "cores", lambda: 16)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", ",".join(str(10 + i) for i in range(n_gpus)))  # as the parent sees
+    plan = workers.plan_workers(n, torch.device("cuda"), trials=100)
+    assert plan.gpus == [i % n_gpus for i in range(n)]  # worker 0, the coordinator, on GPU 0
+    per_gpu = [plan.gpus.count(g) for g in range(n_gpus)]
+    assert max(per_gpu) - min(per_gpu) <= 1 and sum(per_gpu) == n  # several per GPU once n > GPUs
+    assert plan.threads == (16 // n if n > 1 else 0)  # one process keeps torch's default
+
+    ctx = FakeContext()
+    monkeypatch.setattr(workers.multiprocessing, "get_context", lambda method: ctx)
+    workers.spawn_workers(plan, tmp_path / "s.yaml", tmp_path, tmp_path, "sqlite:///m.db", "sqlite:///o.db")
+    assert len(ctx.started) == n - 1
+    for i, w in enumerate(ctx.started, start=1):
+        # each child sees only its GPU, named as the parent's CUDA_VISIBLE_DEVICES names it
+        assert w["cuda"] == str(10 + i % n_gpus) and w["threads"] == plan.threads
+        assert w["env"]["OMP_NUM_THREADS"] == w["env"]["OPENBLAS_NUM_THREADS"] == str(plan.threads)
+        assert "--worker" in w["argv"]
+    assert "OMP_NUM_THREADS" not in os.environ or os.environ["OMP_NUM_THREADS"] == "1"  # restored
+
+
+def test_gpus_narrow_the_placement_and_device_index_pins(monkeypatch):
+    import torch
+
+    from kdbench.errors import KdbenchError
+    from kdbench.sweep import workers
+
+    fake_gpus(monkeypatch, 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert workers.plan_workers(5, torch.device("cuda"), 100, gpus=[1, 3]).gpus == [1, 3, 1, 3, 1]
+    assert workers.plan_workers(3, torch.device("cuda", 2), 100).gpus == [2, 2, 2]  # train.device: cuda:2
+    assert workers.plan_workers(3, torch.device("cpu"), 100).gpus == [None] * 3
+    assert workers.child_cuda_id(3) == "3"
+    with pytest.raises(KdbenchError, match="--gpus 5"):
+        workers.plan_workers(2, torch.device("cuda"), 100, gpus=[5])
+
+
+@pytest.mark.parametrize("n_gpus,gib,n_cores,trials,mem,expected", [
+    (0, 0, 2, 100, 64, 2),    # CPU: one per core
+    (0, 0, 16, 6, 64, 6),     # at most one per trial
+    (0, 0, 16, 100, 9, 4),    # one per 2 GiB of available memory
+    (1, 80, 16, 100, 64, 4),  # an 80 GiB GPU: 4 (16 GiB each, at most 4)
+    (1, 24, 16, 100, 64, 1),  # a 24 GiB GPU: 1
+    (2, 40, 16, 100, 64, 4),  # 2 per 40 GiB GPU
+    (4, 80, 6, 100, 64, 6),   # one per core at most
+    (4, 80, 2, 100, 64, 4),   # but one per GPU at least
+])
+def test_auto_workers_rule(n_gpus, gib, n_cores, trials, mem, expected, monkeypatch):
+    from kdbench.sweep.workers import auto_workers
+
+    fake_gpus(monkeypatch, n_gpus, gib)
+    assert auto_workers(list(range(n_gpus)), n_cores, trials, mem) == expected
+
+
+def test_cli_workers_and_gpus_arguments(tmp_path, capsys):
+    assert main(["run", "missing.yaml", "--workers", "0"]) == 2
+    assert "--workers: a positive number or 'auto'" in capsys.readouterr().err
+    assert main(["run", "missing.yaml", "--gpus", "a,b"]) == 2
+    assert "--gpus: GPU numbers" in capsys.readouterr().err

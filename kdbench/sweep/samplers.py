@@ -81,6 +81,31 @@ def pruning_possible(pruner: Any, steps: Any) -> bool:
     return second_last_step < nearest_lower_pruning_step
 
 
+def pruning_epochs(pruner: Any, epochs: int) -> Optional[set[int]]:
+    """The epochs (1-based, Optuna's steps) at which ``pruner`` may prune when a trial reports exactly those: a
+    trial needs its validation accuracy there and nowhere else before its last epoch. None (every epoch) for a
+    pruner ``pruning_possible`` does not know. A percentile pruner then compares the best value since its warm-up,
+    not since epoch 1, with the median: the warm-up exists because earlier values say little."""
+    if isinstance(pruner, SnapshotPruner):
+        pruner = pruner.pruner
+    prune = getattr(type(pruner), "prune", None)
+    if prune is optuna.pruners.NopPruner.prune:
+        return set()
+    warmup, interval = getattr(pruner, "_n_warmup_steps", None), getattr(pruner, "_interval_steps", None)
+    if prune is not optuna.pruners.PercentilePruner.prune or not isinstance(warmup, int) \
+            or not isinstance(interval, int) or interval < 1:
+        return None
+    # the check at step 0 (no warm-up) is postponed to the first report, epoch 1, as Optuna postpones it
+    return {max(1, e) for e in range(warmup, epochs + 1, interval)}
+
+
+def trial_val_epochs(pruner: Any, epochs: int, select: str) -> Optional[set[int]]:
+    """The epochs a sweep trial evaluates validation at: its pruner's (``pruning_epochs``) and the last, which
+    ``sweep.select: last`` scores; None (every epoch) for ``select: best`` or an unknown pruner."""
+    needed = pruning_epochs(pruner, epochs)
+    return None if select == "best" or needed is None else needed | {epochs}
+
+
 # the objective every sweep maximises, named in the Optuna study (optuna-dashboard shows it instead of "Objective 0")
 METRIC = "val_acc"
 
