@@ -213,6 +213,8 @@ class MlflowTracker(Tracker):
         import mlflow
 
         mlflow.set_tracking_uri(self.uri)
+        # the logged model belongs to the active experiment, not the run's: make it the study's
+        mlflow.set_experiment(experiment_id=self.experiment_id)
         mlflow.pytorch.log_model(model, name="student", input_example=input_example, pip_requirements=pip_requirements,
                                  run_id=run_id)
 
