@@ -148,9 +148,12 @@ def _worker_main(argv: list[str], threads: int, cuda_id: Optional[str]) -> None:
     if cuda_id is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = cuda_id
     set_threads(threads)
-    from kdbench.cli import main
+    import runpy
 
-    sys.exit(main(argv))
+    # run the program as `python -m kdbench run --worker` would (a process entry point, not an import of the CLI
+    # stage from below it); kdbench/__main__ exits with the command's status
+    sys.argv = ["kdbench", *argv]
+    runpy.run_module("kdbench", run_name="__main__", alter_sys=True)
 
 
 class Worker:
