@@ -22,7 +22,7 @@ from kdbench.data import DataBundle
 from kdbench.config.digests import file_digest, spec_digest
 from kdbench.engine.taps import ModelFeed
 from kdbench.models import count_params, create_model, data_config
-from kdbench.models.pretrained import imagenet_columns, keep_classes, weights_of
+from kdbench.models.pretrained import imagenet_columns, keep_classes, pretrained_cfg, weights_of
 from kdbench.engine.train import EpochStats, evaluate, fit
 
 log = logging.getLogger(__name__)  # under "kdbench", which the CLI routes
@@ -104,12 +104,8 @@ def build_teacher(t, data: DataBundle, field: str = "teacher") -> tuple[torch.nn
 
 def untrained_columns(t, data: DataBundle, field: str) -> Optional[list[int]]:
     """The pretrained head's rows for the data's classes, when a teacher is used without training."""
-    from timm.models import get_pretrained_cfg
-
-    try:
-        had = get_pretrained_cfg(t.model).num_classes
-    except RuntimeError:
-        had = None
+    cfg = pretrained_cfg(t.model)
+    had = cfg.num_classes if cfg is not None else None
     if had == data.num_classes:
         return None
     classes = data.timm.source.classes if data.timm is not None else None

@@ -35,14 +35,15 @@ def weights_of(name: str, pretrained: Union[bool, str]) -> Weights:
     if pretrained is False:
         return Weights("none")
     if pretrained is True:
-        cfg = _cfg(name)
+        cfg = pretrained_cfg(name)
         return Weights("hub", (cfg.hf_hub_id or cfg.url or "") if cfg is not None else "")
     if pretrained.startswith("hf-hub:"):
         return Weights("hf-hub", pretrained[len("hf-hub:"):])
     return Weights("file", str(Path(pretrained).expanduser()))
 
 
-def _cfg(name: str):
+def pretrained_cfg(name: str):
+    """timm's pretrained config of ``name`` (with its tag), or None for an unknown tag."""
     try:
         return get_pretrained_cfg(name)
     except RuntimeError:  # an unknown tag: check_model_name says so
@@ -75,7 +76,7 @@ def check_pretrained(name: str, pretrained: Union[bool, str], field: str) -> Wei
             raise KdbenchError(f"{field}: cannot read weights from {w.where}: "
                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     elif w.kind == "hub":
-        cfg = _cfg(name)
+        cfg = pretrained_cfg(name)
         if cfg is None or not (cfg.hf_hub_id or cfg.url):
             raise KdbenchError(f"{field}: timm has no pretrained weights for {name!r}; give a weights file instead")
         if hub_offline() and not (cfg.hf_hub_id and _hub_cached(cfg.hf_hub_id)):
