@@ -200,10 +200,12 @@ def kphases_module():
     return kdbench.study.phases
 
 
-def study_config(trials: int, epochs: int | None, device: str, name: str, pruner: str = "median", seed: int = 0):
-    """``studies/quickstart.yaml`` with the kd loss only, one confirm seed, and the given sweep."""
+def study_config(trials: int, epochs: int | None, device: str, name: str, pruner: str = "median", seed: int = 0,
+                 losses: tuple[str, ...] = ("kd",)):
+    """``studies/quickstart.yaml`` with ``losses`` (default the kd loss only), one confirm seed, and the given
+    sweep (``trials`` per loss)."""
     d = load_study(common.ROOT / "studies" / "quickstart.yaml").model_dump(mode="json")
-    d.update(name=name, losses=[{"name": "kd"}])
+    d.update(name=name, losses=[{"name": k} for k in losses])
     d["sweep"].update(trials=trials, pruner=pruner, seed=seed)
     d["confirm"]["seeds"] = [0]
     for knob in ("export", "log_model"):  # the final-model export runs after the sweep and measures nothing here

@@ -1,6 +1,6 @@
 """Benchmark 7: local workers sharing the machine, and evaluation only where it counts.
 
-A. The same fixed sweep (``studies/quickstart.yaml`` with the ``kd`` loss only, no pruner, so every run trains the
+A. The same fixed sweep (``studies/quickstart.yaml``'s: 3 losses × 4 trials, no pruner, so every run trains the
    same trials) through ``kdbench run`` with ``--workers 1`` and ``--workers 2``, alternated in one benchmark run
    (1, 2, 2, 1, ...) so drift in the machine's load hits both alike. Measured: the whole command's wall time, and
    the sweep's (from the baseline's start to the last trial's end, read from MLflow: the worker's trials overlap
@@ -38,6 +38,7 @@ from kdbench.study.runner import run_study
 from kdbench.sweep.workers import THREAD_VARS
 
 GOAL_RATIO = 0.7
+LOSSES = ("kd", "soft_ce", "mse_logits")  # the quickstart's
 GOAL_SHARE = 0.10
 
 
@@ -73,8 +74,8 @@ def run_cli(study: Path, out: Path, workers: int) -> float:
 
 
 def workers_part(args, tmp: Path) -> tuple[str, list[common.Goal]]:
-    trials, epochs, repeats = (2, 2, 1) if args.quick else (6, None, 2)
-    cfg, _ = study_config(trials, epochs, args.device, "bench_workers", pruner="none")
+    trials, epochs, repeats = (2, 2, 1) if args.quick else (4, None, 2)
+    cfg, entries = study_config(trials, epochs, args.device, "bench_workers", pruner="none", losses=LOSSES)
     warm_teacher(cfg)
     study = tmp / "bench_workers.yaml"
     study.write_text(yaml.safe_dump(cfg.compact_dump(), sort_keys=False))
@@ -84,14 +85,15 @@ def workers_part(args, tmp: Path) -> tuple[str, list[common.Goal]]:
         out = tmp / f"w{n}-{i}"
         wall = run_cli(study, out, n)
         span, n_trials = sweep_span(out, cfg.name)
-        assert n_trials == trials, (n, n_trials)
+        assert n_trials == trials * len(entries), (n, n_trials)
         walls[n].append((wall, span))
     med = {n: (statistics.median(w for w, _ in v), statistics.median(s for _, s in v)) for n, v in walls.items()}
     ratio_run, ratio_sweep = med[2][0] / med[1][0], med[2][1] / med[1][1]
     rows = [(f"--workers {n}", len(v), f"{med[n][0]:.1f}", f"{med[n][1]:.1f}",
              ", ".join(f"{w:.1f}/{s:.1f}" for w, s in v)) for n, v in walls.items()]
     body = "\n".join([
-        f"Sweep: `kd` only, {trials} trials × {cfg.train.epochs} epochs, no pruner, 1 confirm seed; "
+        f"Sweep: the quickstart's ({', '.join(f'`{k}`' for k in LOSSES)}: {len(entries)} × {trials} trials × "
+        f"{cfg.train.epochs} epochs), no pruner, 1 confirm seed, no export; "
         f"{os.cpu_count()} logical cores; runs in the order {', '.join(map(str, order))}.",
         "",
         common.table(["command", "runs", "median wall s (whole run)", "median baseline + sweep s",

@@ -188,7 +188,8 @@ def test_trial_evaluates_test_once_and_trains_the_same_weights(monkeypatch, stre
 
 PRUNERS = {
     "median, warm-up 5": lambda: make_pruner(SimpleNamespace(pruner="median", pruner_startup_trials=2,
-                                                             pruner_warmup_epochs=5), 15),
+                                                             pruner_warmup_epochs=5,
+                                                             pruner_interval_epochs=None), 15),
     "no warm-up, interval 2": lambda: optuna.pruners.MedianPruner(n_warmup_steps=0, interval_steps=2),
     "warm-up 2, interval 3": lambda: optuna.pruners.MedianPruner(n_warmup_steps=2, interval_steps=3),
     "percentile": lambda: optuna.pruners.PercentilePruner(40.0, n_warmup_steps=3, interval_steps=2),
@@ -211,3 +212,17 @@ def test_trials_validate_exactly_where_the_pruner_can_prune(name):
 class UnknownPruner(optuna.pruners.MedianPruner):
     def prune(self, study, trial):
         return False
+
+
+@pytest.mark.parametrize("epochs, warmup, interval, looks", [
+    (15, None, None, {5, 8, 11, 14}),  # warm-up a third, then about 4 looks
+    (240, None, None, {80, 120, 160, 200, 240}),
+    (15, 5, 1, set(range(5, 16))),  # stated: every epoch after the warm-up, as Optuna's default
+    (3, None, None, {1, 2, 3}),
+])
+def test_the_pruner_looks_about_four_times_after_its_warm_up(epochs, warmup, interval, looks):
+    sweep = SimpleNamespace(pruner="median", pruner_startup_trials=2, pruner_warmup_epochs=warmup,
+                            pruner_interval_epochs=interval)
+    pruner = make_pruner(sweep, epochs)
+    assert pruning_epochs(pruner, epochs) == looks
+    assert trial_val_epochs(pruner, epochs, "last") == looks | {epochs}

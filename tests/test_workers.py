@@ -367,16 +367,26 @@ class FakeContext:
 
     def __init__(self):
         self.started = []
+        self.server_env = []  # os.environ as the forkserver would inherit it, at each start of the server
 
     def set_forkserver_preload(self, modules):
         self.preload = modules
+
+    def ensure_running(self):
+        self.server_env.append(dict(os.environ))
 
     def Process(self, target, args):  # noqa: N802 (multiprocessing's name)
         ctx = self
 
         class P:
+            pid = exitcode = None
+
             def start(self):
-                ctx.started.append(dict(zip(("argv", "threads", "cuda"), args), env=dict(os.environ)))
+                ctx.started.append(dict(zip(("argv", "threads", "cuda"), args)))
+                self.pid, self.exitcode = 1, 0
+
+            def join(self):
+                pass
         return P()
 
 
@@ -398,13 +408,17 @@ def test_workers_placed_round_robin_on_the_gpus(n, n_gpus, monkeypatch, tmp_path
 
     ctx = FakeContext()
     monkeypatch.setattr(workers.multiprocessing, "get_context", lambda method: ctx)
-    workers.spawn_workers(plan, tmp_path / "s.yaml", tmp_path, tmp_path, "sqlite:///m.db", "sqlite:///o.db")
+    monkeypatch.setattr(workers.multiprocessing.forkserver, "ensure_running", ctx.ensure_running)
+    procs = workers.spawn_workers(plan, tmp_path / "s.yaml", tmp_path, tmp_path, "sqlite:///m.db", "sqlite:///o.db")
+    assert [p.wait() for p in procs] == [0] * (n - 1)  # started in a background thread: waited for
     assert len(ctx.started) == n - 1
-    for i, w in enumerate(ctx.started, start=1):
-        # each child sees only its GPU, named as the parent's CUDA_VISIBLE_DEVICES names it
-        assert w["cuda"] == str(10 + i % n_gpus) and w["threads"] == plan.threads
-        assert w["env"]["OMP_NUM_THREADS"] == w["env"]["OPENBLAS_NUM_THREADS"] == str(plan.threads)
-        assert "--worker" in w["argv"]
+    # each child sees only its GPU, named as the parent's CUDA_VISIBLE_DEVICES names it (started in any order)
+    assert sorted(w["cuda"] for w in ctx.started) == sorted(str(10 + i % n_gpus) for i in range(1, n))
+    for w in ctx.started:
+        assert w["threads"] == plan.threads and "--worker" in w["argv"]
+    if n > 1:  # the forkserver, which imports torch and the BLAS libraries, starts with the workers' threads set
+        (env,) = ctx.server_env
+        assert env["OMP_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == str(plan.threads)
     assert "OMP_NUM_THREADS" not in os.environ or os.environ["OMP_NUM_THREADS"] == "1"  # restored
 
 
@@ -446,3 +460,43 @@ def test_cli_workers_and_gpus_arguments(tmp_path, capsys):
     assert "--workers: a positive number or 'auto'" in capsys.readouterr().err
     assert main(["run", "missing.yaml", "--gpus", "a,b"]) == 2
     assert "--gpus: GPU numbers" in capsys.readouterr().err
+
+
+def test_worker_start_does_not_hold_up_the_coordinator(monkeypatch, tmp_path):
+    """Process.start waits for the forkserver's imports (seconds): spawn_workers returns at once, and a worker
+    terminated before its start is never started."""
+    import threading
+
+    from kdbench.sweep import workers
+
+    release, started = threading.Event(), []
+
+    class SlowContext(FakeContext):
+        def Process(self, target, args):  # noqa: N802
+            p = super().Process(target, args)
+            start = p.start
+
+            def slow_start():
+                assert release.wait(30)
+                start()
+                started.append(args[2])
+            p.start = slow_start
+            return p
+
+    ctx = SlowContext()
+    monkeypatch.setattr(workers.multiprocessing, "get_context", lambda method: ctx)
+    monkeypatch.setattr(workers.multiprocessing.forkserver, "ensure_running", ctx.ensure_running)
+    plan = workers.WorkerPlan(3, 1, [None, None, None], 3)
+    procs = workers.spawn_workers(plan, tmp_path / "s.yaml", tmp_path, tmp_path, "sqlite:///m.db", "sqlite:///o.db")
+    assert len(procs) == 2 and started == []  # returned while the first start still waits
+    release.set()
+    assert procs[0].wait() == 0 and len(ctx.started) >= 1
+    procs[1].wait()
+    assert len(ctx.started) == 2
+
+    workers._START_LOCK.acquire()  # another worker's start in progress
+    (late,) = workers.spawn_workers(workers.WorkerPlan(2, 1, [None, None], 2), tmp_path / "s.yaml", tmp_path,
+                                    tmp_path, "sqlite:///m.db", "sqlite:///o.db")
+    threading.Timer(0.2, workers._START_LOCK.release).start()
+    late.terminate()  # cancelled while its start waits: it is never started
+    assert late.wait() is None and len(ctx.started) == 2

@@ -229,6 +229,10 @@ class SweepConfig(StrictModel):
     #: epochs before the pruner looks at a trial; unset: a third of train.epochs (benchmarks/bench_sweep.py: with 2
     #: of 15 epochs the median pruner stopped the sweep's eventual best trial in both seeds, with 5 it kept it)
     pruner_warmup_epochs: Optional[NonNegativeInt] = None
+    #: epochs between the pruner's looks after its warm-up (Optuna's interval_steps); a trial evaluates validation
+    #: only there and at its last epoch. Unset: ⌈(train.epochs − warm-up) / 4⌉, about 4 looks (benchmark 7:
+    #: looking every epoch made validation 16% of a quickstart trial)
+    pruner_interval_epochs: Optional[PositiveInt] = None
     seed: Seed = 0
     metric: Literal["val_acc"] = "val_acc"
     #: which epoch's score counts: the last, or the one with the best validation accuracy

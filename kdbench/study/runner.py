@@ -136,14 +136,15 @@ class StudyRunner:
             self.book.tracker.set_tags(self.book.parent, self._report_tags(data))
             end_orphans(self.book, self.phases.storage)
             self._begin()
-            sources = self._teachers(data, record=True)
             self.phases.add_slots()  # a study file asking for more trials than its sweeps hold
-            # after the teachers: the workers find them in the cache
+            # started before the teachers, which they wait for (then find in the cache): their start-up (imports,
+            # data) overlaps the teachers' (benchmark 7)
+            procs = spawn_workers(self.plan, self.paths.out / "study.yaml", self.paths.out, self.paths.report_dir,
+                                  self.paths.tracking_uri, self.paths.storage)
+            sources = self._teachers(data, record=True)
             threads = torch.get_num_threads()
             if self.plan.threads:  # this process is one of the workers while they run: its share of the cores
                 torch.set_num_threads(self.plan.threads)
-            procs = spawn_workers(self.plan, self.paths.out / "study.yaml", self.paths.out, self.paths.report_dir,
-                                  self.paths.tracking_uri, self.paths.storage)
             for st in cfg.students:
                 phases.baseline(data, st)
                 for entry in self.entries:
@@ -164,6 +165,8 @@ class StudyRunner:
             raise
         except BaseException as e:
             self._end_parent("FAILED", mask_secrets(str(e))[:500])
+            for p in procs:  # workers waiting for a teacher that will not come must not train it themselves
+                p.terminate()
             raise
 
     def _work(self, data: DataBundle) -> str:

@@ -12,6 +12,7 @@ one and the sweep's WAITING slots) with all its rows: about 5 ms per epoch on sq
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Optional
 
@@ -115,6 +116,12 @@ def pruner_warmup(epochs: int, warmup: Optional[int]) -> int:
     return warmup if warmup is not None else max(1, epochs // 3)
 
 
+def pruner_interval(epochs: int, warmup: int, interval: Optional[int]) -> int:
+    """Epochs between the pruner's looks after its warm-up: ``sweep.pruner_interval_epochs``, or about 4 looks,
+    ⌈(epochs − warm-up) / 4⌉: a look costs a validation pass, and a trial stopped a few epochs later costs less."""
+    return interval if interval is not None else max(1, math.ceil((epochs - warmup) / 4))
+
+
 def make_sampler(sweep) -> optuna.samplers.BaseSampler:
     """The sweep's sampler from ``sweep`` (a :class:`~kdbench.config.SweepConfig`), seeded."""
     if sweep.sampler == "random":
@@ -126,5 +133,7 @@ def make_sampler(sweep) -> optuna.samplers.BaseSampler:
 def make_pruner(sweep, epochs: int) -> optuna.pruners.BasePruner:
     if sweep.pruner == "none":
         return optuna.pruners.NopPruner()
-    return SnapshotPruner(optuna.pruners.MedianPruner(n_startup_trials=sweep.pruner_startup_trials,
-                                                      n_warmup_steps=pruner_warmup(epochs, sweep.pruner_warmup_epochs)))
+    warmup = pruner_warmup(epochs, sweep.pruner_warmup_epochs)
+    return SnapshotPruner(optuna.pruners.MedianPruner(
+        n_startup_trials=sweep.pruner_startup_trials, n_warmup_steps=warmup,
+        interval_steps=pruner_interval(epochs, warmup, sweep.pruner_interval_epochs)))

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import socket
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -157,17 +159,36 @@ def _worker_main(argv: list[str], threads: int, cuda_id: Optional[str]) -> None:
 
 
 class Worker:
-    """A started worker process, with ``wait`` and ``terminate`` as a ``subprocess.Popen`` has them."""
+    """A worker process, with ``wait`` and ``terminate`` as a ``subprocess.Popen`` has them. It is started in a
+    background thread: ``Process.start`` blocks until the forkserver has imported :data:`PRELOAD` (~6 s on a small
+    machine), which the coordinator spends training instead (measured in benchmark 7)."""
 
     def __init__(self, process: multiprocessing.process.BaseProcess):
         self.process = process
+        self._cancelled = threading.Event()
+        self._starter = threading.Thread(target=self._start, daemon=True, name="kdbench-worker-start")
+        self._starter.start()
+
+    def _start(self) -> None:
+        with _START_LOCK:  # one start at a time: each talks to the one forkserver
+            if not self._cancelled.is_set():
+                self.process.start()
 
     def wait(self) -> Optional[int]:
+        self._starter.join()
+        if self.process.pid is None:  # never started (cancelled)
+            return None
         self.process.join()
         return self.process.exitcode
 
     def terminate(self) -> None:
-        self.process.terminate()
+        self._cancelled.set()
+        self._starter.join()
+        if self.process.pid is not None:
+            self.process.terminate()
+
+
+_START_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -194,12 +215,10 @@ def spawn_workers(plan: WorkerPlan, study_file: Path, out: Path, report_dir: Pat
     ctx.set_forkserver_preload(PRELOAD)  # no effect once this process's forkserver runs (an earlier study)
     argv = ["run", str(study_file), "--worker", "-q", "--out", str(out), "--report-dir", str(report_dir),
             "--tracking-uri", tracking_uri, "--storage", storage]
-    procs = []
+    # the forkserver reads the thread variables when it imports torch and the BLAS libraries: started here, in
+    # this thread, with them set (it starts without waiting for its imports; the workers' starts wait for them)
     with _environment({var: str(plan.threads) for var in THREAD_VARS}):
-        for i in range(1, plan.n):
-            gpu = plan.gpus[i]
-            p = ctx.Process(target=_worker_main, args=(argv, plan.threads,
-                                                       None if gpu is None else child_cuda_id(gpu)))
-            p.start()
-            procs.append(Worker(p))
-    return procs
+        multiprocessing.forkserver.ensure_running()
+    return [Worker(ctx.Process(target=_worker_main, args=(argv, plan.threads,
+                                                          None if gpu is None else child_cuda_id(gpu))))
+            for gpu in plan.gpus[1:]]
