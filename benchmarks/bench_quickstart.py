@@ -32,6 +32,7 @@ from kdbench.engine.device import resolve_device
 from kdbench.engine.teacher import get_teacher
 from kdbench.report.compare import study_boards
 from kdbench.sweep.workers import THREAD_VARS
+from kdbench.tracking.tags import BASELINE
 
 QUICKSTART = common.ROOT / "studies" / "quickstart.yaml"
 DEFAULT_THREADS = torch.get_num_threads()  # before common.setup pins the benchmark process to one thread
@@ -129,8 +130,9 @@ def study_part(args, tmp: Path, teacher_epochs: int) -> str:
         (_, _, board), = study_boards(str(out))
         b = board.set_index("loss")
         held = all(k in b.index and b.delta[k] - b.delta_ci95[k] > 0 for k in MESSAGE if k in study["losses"])
-        deltas = ", ".join(f"{k} {b.delta[k]:+.1f} ± {b.delta_ci95[k]:.1f}" for k in b.index if k != "ce")
-        rows.append((label, f"{wall:.0f}", f"{b.test_acc['ce']:.1f}", deltas, "yes" if held else "**no**"))
+        deltas = ", ".join(f"{k} {100 * b.delta[k]:+.1f} ± {100 * b.delta_ci95[k]:.1f}" for k in b.index
+                           if k != BASELINE)
+        rows.append((label, f"{wall:.0f}", f"{100 * b.test_acc[BASELINE]:.1f}", deltas, "yes" if held else "**no**"))
     return "\n".join([
         "Each a cold `kdbench run <variant>.yaml -q` (empty teacher cache, fresh output directory), one after the "
         "other; Δ vs CE in points, paired by seed, ± the 95% half-width (3 confirm seeds).",

@@ -19,6 +19,7 @@ import common
 import bench_bookkeeping
 import bench_cifar_trial
 import bench_losses
+import bench_quickstart
 import bench_stream
 import bench_sweep
 import bench_train_step
@@ -32,6 +33,7 @@ BENCHMARKS = {
     "cifar_trial": (bench_cifar_trial, "5. A CIFAR-100-sized trial"),
     "stream": (bench_stream, "6. Streamed 224-px pretrained pair: DataLoader workers, teacher live vs cached"),
     "workers": (bench_workers, "7. Local workers and evaluation where it counts"),
+    "quickstart": (bench_quickstart, "8. The quickstart's size"),
 }
 
 

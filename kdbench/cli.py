@@ -10,11 +10,15 @@ from pathlib import Path
 
 
 def _cmd_run(args) -> int:
+    workers, gpus = _workers(args.workers), _gpus(args.gpus)
+    if isinstance(workers, int) and workers > 1 and not args.worker:
+        from kdbench.sweep.workers import cores, start_forkserver, threads_per_worker
+
+        start_forkserver(threads_per_worker(workers, cores()))  # its imports overlap this process's (next line)
     from kdbench.api import run_study
     from kdbench.errors import mask_secrets
     from kdbench.study.progress import log_to_stdout
 
-    workers, gpus = _workers(args.workers), _gpus(args.gpus)
     log_to_stdout(quiet=args.quiet, verbose=args.verbose)
     s = run_study(args.study, out=args.out, report_dir=args.report_dir, tracking_uri=args.tracking_uri,
                   storage=args.storage, quiet=args.quiet, worker=args.worker, workers=workers, gpus=gpus,

@@ -206,19 +206,26 @@ def _environment(values: dict[str, str]):
                 os.environ[k] = v
 
 
+def start_forkserver(threads: int) -> None:
+    """The forkserver the workers are forked from, with its imports of :data:`PRELOAD` under way in the background.
+    Started as early as possible (``kdbench run --workers N`` does it before this process's own imports): Python's
+    imports run on one core, so on a machine with two or more the two sets of imports overlap instead of the
+    workers waiting ~6-8 s after the teacher. It reads the thread variables when it imports torch and the BLAS
+    libraries, so they are set for it; a later call (or a second study in this process) finds it running."""
+    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
+    with _environment({var: str(threads) for var in THREAD_VARS} if threads > 0 else {}):
+        multiprocessing.forkserver.ensure_running()  # returns without waiting for the imports
+
+
 def spawn_workers(plan: WorkerPlan, study_file: Path, out: Path, report_dir: Path, tracking_uri: str,
                   storage: str) -> list[Worker]:
     """``plan.n`` − 1 worker processes (worker 0 is this one), each on its GPU with its share of the cores."""
     if plan.n <= 1:
         return []
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)  # no effect once this process's forkserver runs (an earlier study)
     argv = ["run", str(study_file), "--worker", "-q", "--out", str(out), "--report-dir", str(report_dir),
             "--tracking-uri", tracking_uri, "--storage", storage]
-    # the forkserver reads the thread variables when it imports torch and the BLAS libraries: started here, in
-    # this thread, with them set (it starts without waiting for its imports; the workers' starts wait for them)
-    with _environment({var: str(plan.threads) for var in THREAD_VARS}):
-        multiprocessing.forkserver.ensure_running()
+    start_forkserver(plan.threads)  # a no-op where the CLI started it already
     return [Worker(ctx.Process(target=_worker_main, args=(argv, plan.threads,
                                                           None if gpu is None else child_cuda_id(gpu))))
             for gpu in plan.gpus[1:]]
