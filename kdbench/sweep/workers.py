@@ -16,8 +16,10 @@ How they share the machine:
   GPU; on the CPU, one per core; in both cases at most one per core (a GPU worker needs a core to feed it), at
   most one per sweep trial and one per 2 GiB of available memory, at least one (and one per GPU).
 - **Imports**: the workers are forked from one multiprocessing forkserver that imports the heavy libraries
-  (torch, timm, optuna, MLflow, ...) once, instead of each worker paying the whole import (~6 CPU-seconds).
-  kdbench itself is imported after the fork, so each worker has its own :data:`WORKER_ID`.
+  (torch, timm, optuna, MLflow, ...) once, instead of each worker paying the whole import (6-8 s on a small
+  machine). kdbench itself is imported after the fork, so each worker has its own :data:`WORKER_ID`. The CLI starts
+  the forkserver before its own imports (:func:`start_forkserver`), the coordinator starts the workers before its
+  teachers (they wait for them) and ``Process.start`` runs in a background thread: nothing waits for the imports.
 """
 from __future__ import annotations
 
