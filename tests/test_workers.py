@@ -158,7 +158,8 @@ def test_local_sqlite_storage_runs_in_wal_mode(tmp_path, monkeypatch):
 
 
 def test_worker_killed_mid_trial_then_resumed(tmp_path):
-    (tmp_path / "k.yaml").write_text(yaml.safe_dump(study("k", trials=3, epochs=30, heartbeat=1)))
+    # 80 epochs: a trial without a pruner validates only at its last epoch, so 30 took under 1.5 s here
+    (tmp_path / "k.yaml").write_text(yaml.safe_dump(study("k", trials=3, epochs=80, heartbeat=1)))
     out = tmp_path / "runs" / "k"
     storage = f"sqlite:///{out / 'optuna.db'}"
     env = dict(os.environ, KDBENCH_CACHE_DIR=os.environ["KDBENCH_CACHE_DIR"])
@@ -166,7 +167,7 @@ def test_worker_killed_mid_trial_then_resumed(tmp_path):
     with log.open("wb") as f:
         proc = kdbench("run", "k.yaml", "-q", cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT)
     killed_number = running_trial(proc, out / "optuna.db", "k.kd", log)
-    time.sleep(1.5)  # well inside the trial (30 epochs take several seconds)
+    time.sleep(0.3)  # inside the trial (its MLflow run is open; 80 epochs take several seconds)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     # run again: it takes over the dead coordinator's lease, waits for the killed trial to go stale, retries it
