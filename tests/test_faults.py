@@ -280,3 +280,21 @@ def test_a_store_removed_mid_study_stops_it(tmp_path, monkeypatch, capsys, store
     assert err == f"kdbench: error: storage: {out / store} was removed while the study ran; stopped (restore it to " \
                   f"resume, or run the study into a new --out)"
     assert not (out / "checkpoints").exists() and not (out / "report").exists()  # it did not carry on
+
+
+def test_a_store_error_is_raised_not_printed_by_mlflow(tmp_path, capfd):
+    """MLflow logs "SQLAlchemy database error" (the SQL and its parameters) before raising; kdbench reports the
+    exception in its own line, so MLflow's would come first (seen in CI: a store removed mid-study whose queued
+    writes met a new, empty file)."""
+    from kdbench.tracking.mlflow import MlflowTracker
+
+    db = tmp_path / "m.db"
+    tracker = MlflowTracker(f"sqlite:///{db}", "x", artifact_dir=tmp_path / "a")
+    run_id = tracker.start_run("r", {})
+    for f in tmp_path.glob("m.db*"):
+        f.unlink()
+    tracker.client._tracking_client.store.engine.dispose()  # the next connection opens a new, empty file
+    capfd.readouterr()
+    with pytest.raises(Exception, match="no such table"):
+        tracker.client.get_run(run_id)
+    assert capfd.readouterr().err == ""
