@@ -16,9 +16,6 @@ B. **Whole studies.** ``kdbench run`` (a subprocess, thread variables removed, e
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,12 +24,12 @@ import torch
 import yaml
 
 import common
+from bench_workers import run_cli
 from kdbench.config import parse_study
 from kdbench.data import load_data
 from kdbench.engine.device import resolve_device
 from kdbench.engine.teacher import get_teacher
 from kdbench.report.compare import study_boards
-from kdbench.sweep.workers import THREAD_VARS
 from kdbench.tracking.tags import BASELINE
 
 QUICKSTART = common.ROOT / "studies" / "quickstart.yaml"
@@ -65,7 +62,8 @@ def teacher_part(args, tmp: Path) -> tuple[str, int]:
         curve = " ".join(f"{100 * h['val_acc']:.1f}" for h in info.history)
         rows.append((e, f"{100 * info.val_acc:.2f}", f"{100 * info.test_acc:.2f}", f"{wall:.1f}", curve))
     longest = max(epochs_list)
-    chosen = min(e for e in epochs_list if min(held[e]) >= held[longest][-1] - TEACHER_TOLERANCE)
+    # no count that reached and held it (the longest one still climbing): the longest
+    chosen = min((e for e in epochs_list if min(held[e]) >= held[longest][-1] - TEACHER_TOLERANCE), default=longest)
     body = "\n".join([
         f"Teacher `{cfg.teachers[0].model}`, recipe of `studies/quickstart.yaml` with only `epochs` changed, "
         f"{DEFAULT_THREADS} torch thread(s), train/val/test {len(data.train)}/{len(data.val)}/{len(data.test)} "
@@ -94,7 +92,8 @@ def variants(teacher_epochs: int, quick: bool) -> list[tuple[str, dict]]:
         if quick:  # a smoke test of the plumbing, not a measurement
             d["teacher"]["epochs"], d["train"]["epochs"], d["sweep"]["trials"] = 1, 2, 1
             d["losses"], d["confirm"]["seeds"] = ["kd"], 2
-        label = f"teacher {teacher} epochs, splits {splits['train']}/{splits['val']}/{splits['test']}, {trials} trials"
+        label = (f"teacher {d['teacher']['epochs']} epochs, splits {splits['train']}/{splits['val']}/{splits['test']}, "
+                 f"{d['sweep']['trials']} trials")
         same = {k: d[k] for k in ("teacher", "data", "sweep")} == {k: base[k] for k in ("teacher", "data", "sweep")}
         out.append((label + (" (= studies/quickstart.yaml)" if same else ""), d))
     return out[:2] if quick else out
@@ -105,15 +104,7 @@ def run_cold(study: dict, tmp: Path) -> tuple[float, Path]:
     path = tmp / f"{study['name']}.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     out = tmp / study["name"]
-    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
-    env["KDBENCH_CACHE_DIR"] = str(tmp / f"cache-{study['name']}")
-    t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "kdbench", "run", str(path), "--out", str(out), "--report-dir",
-                           str(out / "report"), "-q"], env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if done.returncode:
-        raise RuntimeError(f"{study['name']} failed:\n{done.stderr[-3000:]}")
-    return wall, out
+    return run_cli(path, out, 1, KDBENCH_CACHE_DIR=str(tmp / f"cache-{study['name']}")), out
 
 
 def study_part(args, tmp: Path, teacher_epochs: int) -> str:
@@ -128,7 +119,8 @@ def study_part(args, tmp: Path, teacher_epochs: int) -> str:
         rows.append((label, f"{wall:.0f}", f"{100 * b.test_acc[BASELINE]:.1f}", deltas, "yes" if held else "**no**"))
     return "\n".join([
         "Each a cold `kdbench run <variant>.yaml -q` (empty teacher cache, fresh output directory), one after the "
-        "other; Δ vs CE in points, paired by seed, ± the 95% half-width (3 confirm seeds).",
+        f"other; Δ vs CE in points, paired by seed, ± the 95% half-width ({study['confirm']['seeds']} confirm "
+        "seeds).",
         "",
         common.table(["variant", "wall s", "CE test acc %", "Δ vs CE", f"{' and '.join(MESSAGE)} exclude 0"], rows),
     ])

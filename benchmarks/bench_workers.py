@@ -61,8 +61,10 @@ def sweep_span(out: Path, experiment: str) -> tuple[float, int]:
     return (max(r.info.end_time for r in runs) - min(r.info.start_time for r in runs)) / 1e3, len(trials)
 
 
-def run_cli(study: Path, out: Path, workers: int) -> float:
-    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
+def run_cli(study: Path, out: Path, workers: int, **env_extra: str) -> float:
+    """Wall seconds of ``kdbench run study --out out --workers N -q``, thread variables removed from its environment
+    (what a user gets), ``env_extra`` added."""
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS} | env_extra
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "kdbench.cli", "run", str(study), "--out", str(out), "--report-dir",
                            str(out / "report"), "--workers", str(workers), "-q"], env=env, capture_output=True,
