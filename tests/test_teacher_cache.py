@@ -231,3 +231,29 @@ def test_compiled_fit_matches_the_plain_fit_and_leaves_a_plain_model(nets, backe
     model = models[1]
     assert model._compiled_call_impl is None and "forward_intermediates" not in model.__dict__
     assert list(model.state_dict()) == list(models[0].state_dict())  # no _orig_mod. prefix
+
+
+# -- the thread count a teacher was trained with ----------------------------------------------------------------
+def test_teacher_records_its_torch_threads_and_the_cache_keeps_them(tmp_path):
+    """Threads change float reduction order and so the weights; they stay out of the key (workers with fewer threads
+    use the coordinator's teacher), so the teacher says how it was trained, in its cache entry and its origin."""
+    import json
+
+    from kdbench.data import load_data
+    from kdbench.engine.teacher import get_teacher
+
+    cfg = parse_study({"name": "thr", "data": {"image_size": 16},
+                       "teacher": {"model": "test_resnet", "epochs": 1}, "student": {"model": "test_resnet"},
+                       "losses": ["kd"]})
+    data, before = load_data(cfg.data), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _, trained = get_teacher(cfg.teachers[0], data, torch.device("cpu"), "fp32", tmp_path)
+    finally:
+        torch.set_num_threads(before)
+    _, cached = get_teacher(cfg.teachers[0], data, torch.device("cpu"), "fp32", tmp_path)  # now with `before`
+    assert (trained.source, cached.source) == ("trained", "cached") and trained.key == cached.key
+    assert trained.threads == cached.threads == 1
+    assert cached.origin == "random init, trained with 1 torch thread(s)"
+    (meta,) = tmp_path.glob("*.json")
+    assert json.loads(meta.read_text())["torch_threads"] == 1

@@ -43,6 +43,9 @@ class TeacherInfo:
     weights: str = "random init"  # where its starting weights came from
     head: str = ""  # how its classifier relates to the weights' (replaced, a subset of the classes)
     data_config: Optional[dict] = None  # what it is fed, under timm's transforms
+    #: torch's intra-op threads it was trained with: they change float reduction order, and so the weights (not in
+    #: the cache key, so that workers with fewer threads use the coordinator's teacher); None where not trained here
+    threads: Optional[int] = None
 
     @property
     def origin(self) -> str:
@@ -51,7 +54,8 @@ class TeacherInfo:
             return f"checkpoint {self.path}"
         if self.source == "pretrained":
             return f"{self.weights}, used as is" + (f" ({self.head})" if self.head else "")
-        return f"{self.weights}, {'fine-tuned' if self.weights != 'random init' else 'trained'}"
+        how = "fine-tuned" if self.weights != "random init" else "trained"
+        return f"{self.weights}, {how}" + (f" with {self.threads} torch thread(s)" if self.threads else "")
 
 
 def default_cache_dir() -> Path:
@@ -155,7 +159,7 @@ def get_teacher(t, data: DataBundle, device: torch.device, precision: str, cache
         try:  # the JSON first: a failure leaves the model untouched, to be trained from the same start
             meta = json.loads(meta_path.read_text())
             info = TeacherInfo("cached", str(weights_file), key, meta["val_acc"], meta["test_acc"], n_params,
-                               meta["seconds"], meta["history"], **extra)
+                               meta["seconds"], meta["history"], threads=meta.get("torch_threads"), **extra)
             load_state(model, weights_file, f"teacher cache {weights_file}")
             return model.to(device).eval(), info
         except (KdbenchError, ValueError, KeyError, TypeError) as e:  # truncated, overwritten, hand-edited
@@ -171,13 +175,14 @@ def get_teacher(t, data: DataBundle, device: torch.device, precision: str, cache
     history = [s.metrics() | {"epoch": s.epoch} for s in result.history]
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"model": t.model, "kwargs": t.kwargs, "key": key, "val_acc": val, "test_acc": test,
-            "seconds": result.seconds, "history": history, "data": data.summary(), "weights": weights}
+            "seconds": result.seconds, "history": history, "data": data.summary(), "weights": weights,
+            "torch_threads": torch.get_num_threads()}
     try:
         _save(weights_file, state, meta)
     except OSError as e:  # a full disk, a quota, a read-only cache: the trained weights are not thrown away
         raise _rescued(weights_file, state, meta, e) from None
     return model.eval(), TeacherInfo("trained", str(weights_file), key, val, test, n_params, result.seconds, history,
-                                     **extra)
+                                     threads=meta["torch_threads"], **extra)
 
 
 def _save(weights_file: Path, state: dict, meta: dict) -> None:
