@@ -29,6 +29,7 @@ from mlflow import MlflowClient
 import common
 from bench_bookkeeping import study_config
 from bench_sweep import sweep_only
+from kdbench.config import load_study
 from kdbench.data import load_data
 from kdbench.engine import train as train_mod
 from kdbench.engine.device import resolve_device
@@ -38,7 +39,7 @@ from kdbench.study.runner import run_study
 from kdbench.sweep.workers import THREAD_VARS
 
 GOAL_RATIO = 0.7
-LOSSES = ("kd", "soft_ce", "mse_logits")  # the quickstart's
+LOSSES = tuple(e.key for e in load_study(common.ROOT / "studies" / "quickstart.yaml").losses)  # the quickstart's
 GOAL_SHARE = 0.10
 
 
